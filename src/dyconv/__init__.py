@@ -1,0 +1,19 @@
+"""dyconv: dynamic convolution (Chen et al., CVPR 2020) for PyTorch, exact, drop-in and fast."""
+
+from .attention import ExpertAttention
+from .functional import dynamic_conv
+from .layers import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from .temperature import TemperatureScheduler, get_temperature, set_temperature
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynamicConv1d",
+    "DynamicConv2d",
+    "DynamicConv3d",
+    "ExpertAttention",
+    "TemperatureScheduler",
+    "dynamic_conv",
+    "get_temperature",
+    "set_temperature",
+]

@@ -1,0 +1,247 @@
+"""Per-sample convolution: every sample of a batch convolved with its own mixture of K kernels.
+
+``dynamic_conv(x, weight, bias, attention, ...)`` computes, for each sample ``b``,
+
+    out[b] = conv(x[b], sum_k attention[b, k] * weight[k]) + sum_k attention[b, k] * bias[k]
+
+for 1-, 2- and 3-D inputs. Several exact strategies compute it; :func:`select_strategy` picks one
+from the shapes, and while tracing, exporting or compiling it picks one whose graph does not
+depend on the batch size. Everything here is TorchScript-compatible.
+
+Strategies (all give the same numbers up to floating-point rounding):
+
+``"groups"``
+    Mix the kernels per sample, fold the batch into the convolution's groups, one convolution.
+``"loop"``
+    Mix the kernels per sample, one dense convolution per sample (aggregate-then-convolve).
+``"matmul"``
+    1×1 kernels only: one batched matrix product per group.
+``"unfold"``
+    Extract patches with a fixed one-hot convolution, then one batched matrix product per group.
+    The graph has no batch-size constant, so it exports with a dynamic batch axis.
+``"experts"``
+    Convolve with all K kernels at once, then mix the K outputs (K× the FLOPs; cheap for
+    depthwise layers). Also free of batch-size constants.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts")
+# Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
+BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
+
+
+def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], padding: List[int],
+          dilation: List[int], groups: int) -> Tensor:
+    rank = x.dim() - 2
+    if rank == 1:
+        return F.conv1d(x, w, b, stride, padding, dilation, groups)
+    if rank == 2:
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return F.conv3d(x, w, b, stride, padding, dilation, groups)
+
+
+def _subsample(x: Tensor, stride: List[int]) -> Tensor:
+    rank = x.dim() - 2
+    if rank == 1:
+        return x[:, :, :: stride[0]]
+    if rank == 2:
+        return x[:, :, :: stride[0], :: stride[1]]
+    return x[:, :, :: stride[0], :: stride[1], :: stride[2]]
+
+
+def apply_padding(x: Tensor, padding: List[int], padding_mode: str) -> tuple[Tensor, List[int]]:
+    """Pad ``x`` where a convolution cannot, returning the input and the padding left for the conv.
+
+    ``padding`` holds (before, after) per spatial dimension, flattened in dimension order.
+    Symmetric zero padding is left to the convolution; anything else is applied with ``F.pad``.
+    """
+    rank = x.dim() - 2
+    before = [padding[2 * i] for i in range(rank)]
+    after = [padding[2 * i + 1] for i in range(rank)]
+    if padding_mode == "zeros" and before == after:
+        return x, before
+    pad: List[int] = []
+    for i in range(rank - 1, -1, -1):  # F.pad wants the last dimension first
+        pad.append(before[i])
+        pad.append(after[i])
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return F.pad(x, pad, mode=mode), [0] * rank
+
+
+def mix_experts(attention: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-sample kernels ``(B, *weight.shape[1:])`` and biases ``(B, out_channels)``."""
+    num_experts = weight.shape[0]
+    mixed = torch.mm(attention.to(weight.dtype), weight.reshape(num_experts, -1))
+    mixed = mixed.reshape([attention.shape[0]] + list(weight.shape[1:]))
+    mixed_bias: Optional[Tensor] = None
+    if bias is not None:
+        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
+    return mixed, mixed_bias
+
+
+def _add_bias(out: Tensor, mixed_bias: Optional[Tensor]) -> Tensor:
+    if mixed_bias is None:
+        return out
+    shape = [mixed_bias.shape[0], mixed_bias.shape[1]] + [1] * (out.dim() - 2)
+    return out + mixed_bias.reshape(shape).to(out.dtype)
+
+
+def conv_groups(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """Batch folded into the convolution's groups: ``groups = batch * groups``."""
+    batch = x.shape[0]
+    mixed, mixed_bias = mix_experts(attention, weight, bias)
+    w = mixed.reshape([batch * weight.shape[1]] + list(weight.shape[2:]))
+    b: Optional[Tensor] = None
+    if mixed_bias is not None:
+        b = mixed_bias.reshape(-1)
+    # reshape, not view: channels_last and other non-contiguous inputs must work
+    out = _conv(x.reshape([1, -1] + list(x.shape[2:])), w, b, stride, padding, dilation, batch * groups)
+    return out.reshape([batch, weight.shape[1]] + list(out.shape[2:]))
+
+
+def conv_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+              padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """One dense convolution per sample with its mixed kernel; at batch 1 this is aggregate-then-conv."""
+    mixed, mixed_bias = mix_experts(attention, weight, bias)
+    outs: List[Tensor] = []
+    for i in range(x.shape[0]):
+        b: Optional[Tensor] = None
+        if mixed_bias is not None:
+            b = mixed_bias[i]
+        outs.append(_conv(x[i : i + 1], mixed[i], b, stride, padding, dilation, groups))
+    return torch.cat(outs, 0)
+
+
+def conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """1×1 kernels: ``out[b, g] = W_b[g] @ x[b, g]`` as one batched matrix product."""
+    if any([p != 0 for p in padding]):
+        raise ValueError("the 'matmul' strategy needs zero padding. Received: padding=" + str(padding))
+    if weight[0, 0, 0].numel() != 1:
+        raise ValueError("the 'matmul' strategy needs 1x1 kernels. Received: weight shape " + str(list(weight.shape)))
+    x = _subsample(x, stride)
+    batch, out_channels = x.shape[0], weight.shape[1]
+    mixed, mixed_bias = mix_experts(attention, weight, bias)
+    w = mixed.reshape(batch, groups, out_channels // groups, -1)
+    cols = x.reshape(batch, groups, w.shape[3], -1)
+    out = torch.matmul(w.to(cols.dtype), cols)
+    out = out.reshape([batch, out_channels] + list(x.shape[2:]))
+    return _add_bias(out, mixed_bias)
+
+
+def _one_hot_taps(in_channels: int, kernel_size: List[int], like: Tensor) -> Tensor:
+    taps = 1
+    for k in kernel_size:
+        taps *= k
+    eye = torch.eye(taps, dtype=like.dtype, device=like.device)
+    eye = eye.reshape([taps, 1] + kernel_size)
+    return eye.repeat([in_channels, 1] + [1] * len(kernel_size))
+
+
+def conv_unfold(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """Patches by a fixed one-hot depthwise convolution, then ``W_b[g] @ patches[b, g]``."""
+    batch, in_channels = x.shape[0], x.shape[1]
+    kernel_size = list(weight.shape[3:])
+    taps = _one_hot_taps(in_channels, kernel_size, x)
+    patches = _conv(x, taps, None, stride, padding, dilation, in_channels)
+    out_size = list(patches.shape[2:])
+    out_channels = weight.shape[1]
+    mixed, mixed_bias = mix_experts(attention, weight, bias)
+    w = mixed.reshape(batch, groups, out_channels // groups, -1)
+    cols = patches.reshape(batch, groups, w.shape[3], -1)
+    out = torch.matmul(w.to(cols.dtype), cols)
+    return _add_bias(out.reshape([batch, out_channels] + out_size), mixed_bias)
+
+
+def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """All K kernels in one convolution, outputs mixed per sample: ``sum_k a[b,k] conv(x[b], W_k)``."""
+    num_experts, out_channels = weight.shape[0], weight.shape[1]
+    per_group = out_channels // groups
+    # order output channels (group, expert, channel) so each group's K experts stay in that group
+    w = weight.reshape([num_experts, groups, per_group] + list(weight.shape[2:])).transpose(0, 1)
+    w = w.reshape([groups * num_experts * per_group] + list(weight.shape[2:]))
+    y = _conv(x, w, None, stride, padding, dilation, groups)
+    out_size = list(y.shape[2:])
+    y = y.reshape(y.shape[0], groups, num_experts, per_group, -1)
+    a = attention.to(y.dtype).reshape(attention.shape[0], 1, num_experts, 1, 1)
+    out = (y * a).sum(2).reshape([y.shape[0], out_channels] + out_size)
+    mixed_bias: Optional[Tensor] = None
+    if bias is not None:
+        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
+    return _add_bias(out, mixed_bias)
+
+
+def _tracing_or_exporting() -> bool:
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    return torch.compiler.is_compiling()
+
+
+def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int) -> str:
+    """The strategy :func:`dynamic_conv` uses for these shapes.
+
+    While tracing, exporting or compiling, only strategies without batch-size constants qualify.
+    """
+    one_by_one = weight[0, 0, 0].numel() == 1 and not any([p != 0 for p in padding])
+    if one_by_one:
+        return "matmul"
+    batch_generic = False
+    if not torch.jit.is_scripting():
+        batch_generic = _tracing_or_exporting()
+    if batch_generic:
+        return "experts" if weight.shape[2] == 1 else "unfold"
+    if x.shape[0] == 1:
+        return "loop"
+    return "groups"
+
+
+def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int, padding_mode: str = "zeros",
+                 strategy: str = "auto") -> Tensor:
+    """Convolve each sample with its own attention-weighted mixture of kernels.
+
+    Args:
+        x: input ``(B, C_in, *spatial)`` with 1 to 3 spatial dimensions.
+        weight: expert kernels ``(K, C_out, C_in // groups, *kernel_size)``.
+        bias: expert biases ``(K, C_out)`` or ``None``.
+        attention: mixing weights ``(B, K)``; the layers pass a softmax, any weights work here.
+        stride, dilation: one int per spatial dimension.
+        padding: (before, after) per spatial dimension, flattened in dimension order.
+        groups: convolution groups.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        strategy: ``'auto'`` or one of :data:`STRATEGIES`.
+
+    Returns:
+        ``(B, C_out, *out_spatial)``, sample ``b`` equal to
+        ``conv(x[b], sum_k attention[b,k] weight[k]) + sum_k attention[b,k] bias[k]``.
+
+    Example:
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> w, a = torch.randn(3, 6, 4, 3, 3), torch.softmax(torch.randn(2, 3), 1)
+        >>> dynamic_conv(x, w, None, a, [1, 1], [1, 1, 1, 1], [1, 1], 1).shape
+        torch.Size([2, 6, 8, 8])
+    """
+    x, conv_padding = apply_padding(x, padding, padding_mode)
+    if strategy == "auto":
+        strategy = select_strategy(x, weight, conv_padding, groups)
+    if strategy == "groups":
+        return conv_groups(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "loop":
+        return conv_loop(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "matmul":
+        return conv_matmul(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "unfold":
+        return conv_unfold(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "experts":
+        return conv_experts(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold' or 'experts'. Received: strategy='" + strategy + "'")

@@ -1,0 +1,355 @@
+"""The kornia set for DynamicConv1d/2d/3d: smoke, errors, shapes, reference numbers, invariants, gradcheck."""
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import dyconv
+from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from reference import CONV, TOL, manual_attention, per_sample_reference
+
+LAYER = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
+SPATIAL = {1: (11,), 2: (9, 8), 3: (5, 6, 7)}
+
+# (name, conv kwargs) covering groups (incl. depthwise), stride, dilation, every padding form and mode
+CONFIGS = [
+    ("plain", dict(in_channels=4, out_channels=6, kernel_size=3)),
+    ("pad1", dict(in_channels=4, out_channels=6, kernel_size=3, padding=1)),
+    ("stride2", dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1)),
+    ("dilation2", dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding=2)),
+    ("groups2", dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1)),
+    ("depthwise", dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1)),
+    ("depthwise_mult2_stride2", dict(in_channels=4, out_channels=8, kernel_size=3, groups=4, stride=2, padding=1)),
+    ("pointwise", dict(in_channels=4, out_channels=6, kernel_size=1)),
+    ("pointwise_stride2", dict(in_channels=4, out_channels=6, kernel_size=1, stride=2)),
+    ("pointwise_groups", dict(in_channels=4, out_channels=6, kernel_size=1, groups=2)),
+    ("same_odd", dict(in_channels=4, out_channels=5, kernel_size=3, padding="same")),
+    ("same_even_dilated", dict(in_channels=4, out_channels=5, kernel_size=2, padding="same", dilation=2)),
+    ("valid", dict(in_channels=4, out_channels=5, kernel_size=2, padding="valid")),
+    ("reflect", dict(in_channels=4, out_channels=5, kernel_size=3, padding=1, padding_mode="reflect")),
+    ("replicate_stride2", dict(in_channels=4, out_channels=5, kernel_size=3, padding=1, stride=2,
+                               padding_mode="replicate")),
+    ("circular_groups", dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=2,
+                             padding_mode="circular")),
+    ("same_reflect", dict(in_channels=3, out_channels=4, kernel_size=3, padding="same", padding_mode="reflect")),
+]
+TUPLE_CONFIGS = {
+    1: dict(in_channels=3, out_channels=4, kernel_size=(3,), stride=(2,), padding=(2,), dilation=(2,)),
+    2: dict(in_channels=3, out_channels=4, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    3: dict(in_channels=3, out_channels=4, kernel_size=(1, 3, 2), stride=(1, 2, 1), padding=(0, 1, 1)),
+}
+
+
+def make(rank, num_experts=3, bias=True, dtype=torch.float64, **kwargs):
+    return LAYER[rank](**kwargs, bias=bias, num_experts=num_experts, temperature=1.5, dtype=dtype)
+
+
+def make_input(rank, layer, batch, dtype=torch.float64):
+    return torch.randn(batch, layer.in_channels, *SPATIAL[rank], dtype=dtype)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("num_experts,bias,batch,train", [(1, True, 2, True), (3, False, 1, False),
+                                                          (4, True, 3, False), (6, True, 2, True)])
+def test_matches_per_sample_reference(rank, name, kwargs, num_experts, bias, batch, train):
+    layer = make(rank, num_experts, bias, **kwargs).train(train)
+    x = make_input(rank, layer, batch)
+    torch.testing.assert_close(layer(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("num_experts", [1, 2, 5])
+def test_tuple_arguments_match_reference(rank, num_experts):
+    layer = make(rank, num_experts, **TUPLE_CONFIGS[rank])
+    x = make_input(rank, layer, 3)
+    torch.testing.assert_close(layer(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_attention_is_the_specified_branch(rank):
+    layer = make(rank, 5, in_channels=8, out_channels=4, kernel_size=3)
+    x = make_input(rank, layer, 4)
+    attention = layer.attention(x)
+    torch.testing.assert_close(attention, manual_attention(layer, x), **TOL[torch.float64])
+    assert attention.shape == (4, 5)
+    assert (attention >= 0).all() and (attention <= 1).all()
+    torch.testing.assert_close(attention.sum(1), torch.ones(4, dtype=torch.float64))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in layer.modules())
+
+
+def test_attention_hidden_size_has_a_minimum():
+    assert DynamicConv2d(3, 8, 3).router.fc1.out_features == 4  # RGB stem: 3 // 4 == 0 -> 4
+    assert DynamicConv2d(64, 8, 3).router.fc1.out_features == 16
+    assert DynamicConv2d(64, 8, 3, reduction=8).router.fc1.out_features == 8
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("name,kwargs", CONFIGS[:9], ids=[c[0] for c in CONFIGS[:9]])
+def test_one_expert_equals_conv(rank, name, kwargs):
+    layer = make(rank, 1, **kwargs)
+    conv = CONV[rank](**kwargs, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight[0])
+        conv.bias.copy_(layer.bias[0])
+    x = make_input(rank, layer, 3)
+    torch.testing.assert_close(layer(x), conv(x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_identical_experts_equal_conv_whatever_the_attention(rank, name, kwargs):
+    layer = make(rank, 4, **kwargs)
+    conv = CONV[rank](**kwargs, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight.expand_as(layer.weight))
+        layer.bias.copy_(conv.bias.expand_as(layer.bias))
+        layer.router.fc2.weight.normal_(0, 10)  # a far from uniform attention
+    x = make_input(rank, layer, 3)
+    torch.testing.assert_close(layer(x), conv(x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_sample_independent_of_batch_mates(rank, train):
+    layer = make(rank, 4, in_channels=4, out_channels=6, kernel_size=3, padding=1).train(train)
+    x = make_input(rank, layer, 5)
+    others = make_input(rank, layer, 5)
+    alone = layer(x[2:3])
+    mixed = torch.cat([others[:2], x[2:3], others[3:]])
+    torch.testing.assert_close(layer(mixed)[2:3], alone, **TOL[torch.float64])
+    torch.testing.assert_close(layer(x)[2:3], alone, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_unbatched_input_like_conv(rank):
+    layer = make(rank, 3, in_channels=4, out_channels=6, kernel_size=3, padding=1)
+    x = make_input(rank, layer, 1)
+    out = layer(x[0])
+    assert out.shape == layer(x).shape[1:]
+    torch.testing.assert_close(out, layer(x)[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1),
+                                    dict(kernel_size=3, padding="same", dilation=3),
+                                    dict(kernel_size=2, padding=(1,) * 3, stride=3)])
+def test_output_shape_equals_conv(rank, kwargs):
+    if isinstance(kwargs.get("padding"), tuple):
+        kwargs = dict(kwargs, padding=kwargs["padding"][:rank])
+    layer = LAYER[rank](4, 8, **kwargs)
+    conv = CONV[rank](4, 8, **kwargs)
+    x = torch.randn(2, 4, *SPATIAL[rank])
+    assert layer(x).shape == conv(x).shape
+
+
+def test_batch_one_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          DynamicConv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(1, 3, 12, 12), torch.tensor([1])
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_backward_reaches_every_parameter(rank):
+    layer = make(rank, 3, in_channels=4, out_channels=6, kernel_size=3, padding=1)
+    layer(make_input(rank, layer, 2)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, groups=2, stride=2),
+                                    dict(kernel_size=1)])
+def test_gradcheck(rank, kwargs):
+    layer = make(rank, 3, in_channels=2, out_channels=4, **kwargs)
+    x = torch.randn(2, 2, *[5] * rank, dtype=torch.float64, requires_grad=True)
+    params = (layer.weight, layer.bias, layer.router.fc1.weight, layer.router.fc2.weight)
+
+    def fn(x, *ps):
+        names = ["weight", "bias", "router.fc1.weight", "router.fc2.weight"]
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_temperature_is_state_and_round_trips():
+    layer = DynamicConv2d(4, 6, 3, temperature=7.0)
+    assert "temperature" in layer.state_dict()
+    assert float(layer.state_dict()["temperature"]) == 7.0
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    fresh = DynamicConv2d(4, 6, 3)  # default 30
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert float(fresh.temperature) == 7.0
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(fresh(x), layer(x))
+
+
+def test_temperature_changes_attention_sharpness():
+    layer = DynamicConv2d(8, 8, 3)
+    with torch.no_grad():
+        layer.router.fc2.weight.normal_(0, 1)
+    x = torch.randn(4, 8, 6, 6)
+    dyconv.set_temperature(layer, 100.0)
+    flat = layer.attention(x)
+    dyconv.set_temperature(layer, 0.01)
+    sharp = layer.attention(x)
+    assert flat.max() < 0.3 and sharp.max(1).values.min() > 0.99
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_reset_parameters_initialises_each_expert_like_conv(rank):
+    torch.manual_seed(1)
+    layer = LAYER[rank](16, 32, 3, num_experts=4)
+    conv = CONV[rank](16, 32, 3)
+    w_bound = 1 / math.sqrt(16 * 3**rank)  # kaiming_uniform(a=sqrt(5)) bound == 1/sqrt(fan_in)
+    for k in range(4):
+        assert layer.weight[k].abs().max() <= w_bound
+        assert layer.weight[k].abs().max() > 0.9 * w_bound
+        assert layer.bias[k].abs().max() <= w_bound
+        assert abs(layer.weight[k].std() - conv.weight.std()) < 0.1 * conv.weight.std()
+    assert not torch.allclose(layer.weight[0], layer.weight[1])  # independent experts
+    before = layer.weight.clone()
+    layer.reset_parameters()
+    assert not torch.allclose(before, layer.weight)
+
+
+def test_parameter_shapes():
+    layer = DynamicConv3d(8, 12, (3, 1, 2), groups=4, num_experts=5)
+    assert layer.weight.shape == (5, 12, 2, 3, 1, 2)
+    assert layer.bias.shape == (5, 12)
+    assert DynamicConv1d(4, 4, 3, bias=False).bias is None
+
+
+def test_constructor_is_drop_in_for_conv():
+    positional = (4, 8, 3, 2, 1, 1, 2, False, "reflect")
+    layer = DynamicConv2d(*positional)
+    conv = nn.Conv2d(*positional)
+    for attr in ["in_channels", "out_channels", "kernel_size", "groups", "padding", "padding_mode"]:
+        assert getattr(layer, attr) == getattr(conv, attr), attr
+    assert tuple(layer.stride) == conv.stride and tuple(layer.dilation) == conv.dilation
+    assert layer.bias is None
+
+
+def test_extra_repr():
+    text = repr(DynamicConv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False, num_experts=6))
+    for part in ["4, 8", "kernel_size=(3, 3)", "stride=(2, 2)", "padding=(1, 1)", "groups=2", "bias=False",
+                 "num_experts=6"]:
+        assert part in text, part
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_non_contiguous_input(rank):
+    layer = make(rank, 3, in_channels=4, out_channels=6, kernel_size=3, padding=1)
+    x = make_input(rank, layer, 3)
+    x_nc = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    assert not x_nc.is_contiguous()
+    torch.testing.assert_close(layer(x_nc), layer(x), **TOL[torch.float64])
+    torch.testing.assert_close(layer(x[::2]), per_sample_reference(layer, x[::2]), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kernel_size,groups", [(3, 1), (1, 1), (3, 8)])
+def test_channels_last(kernel_size, groups):
+    layer = DynamicConv2d(8, 8, kernel_size, padding=kernel_size // 2, groups=groups, dtype=torch.float64)
+    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    out = layer.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    layer3 = DynamicConv3d(4, 4, 3, padding=1, dtype=torch.float64)
+    x3 = torch.randn(2, 4, 4, 5, 6, dtype=torch.float64)
+    out3 = layer3(x3.to(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out3, per_sample_reference(layer3, x3), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(dtype):
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        device = "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = DynamicConv2d(8, 16, 3, padding=1, device=device)
+    x = torch.randn(4, 8, 10, 10, device=device)
+    try:
+        with torch.autocast(device_type=device, dtype=dtype):
+            out = layer(x)
+    except RuntimeError as err:  # pragma: no cover - an autocast dtype the device lacks
+        pytest.skip(str(err))
+    assert out.dtype == dtype
+    ref = per_sample_reference(layer.double(), x.double()).float()
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def test_deepcopy_and_pickle():
+    layer = DynamicConv1d(4, 6, 3, temperature=3.0)
+    x = torch.randn(2, 4, 10)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        torch.testing.assert_close(clone(x), layer(x))
+        assert float(clone.temperature) == 3.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    layer = DynamicConv2d(8, 16, 3, padding=1, groups=2, dtype=torch.float64)
+    x = torch.randn(3, 8, 10, 10, dtype=torch.float64)
+    torch.testing.assert_close(copy.deepcopy(layer).cuda()(x.cuda()).cpu(), layer(x), **TOL[torch.float64])
+
+
+def test_inside_sequential_and_state_dict_of_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), DynamicConv2d(8, 8, 3, temperature=2.0), nn.ReLU())
+    keys = model.state_dict().keys()
+    assert {"1.weight", "1.bias", "1.temperature", "1.router.fc1.weight", "1.router.fc2.bias"} <= set(keys)
+    assert model(torch.randn(2, 3, 10, 10)).shape == (2, 8, 6, 6)
+
+
+# --- errors name the bad value ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_experts=0), ValueError, r"num_experts.*Received: num_experts=0"),
+    (dict(num_experts=2.5), TypeError, r"num_experts=2.5"),
+    (dict(temperature=0.0), ValueError, r"temperature.*Received: temperature=0.0"),
+    (dict(temperature=-1), ValueError, r"temperature=-1"),
+    (dict(temperature=float("nan")), ValueError, r"temperature=nan"),
+    (dict(groups=3), ValueError, r"in_channels must be divisible by groups.*in_channels=4, groups=3"),
+    (dict(in_channels=6, groups=3), ValueError, r"out_channels must be divisible by groups.*out_channels=8"),
+    (dict(reduction=0), ValueError, r"reduction=0"),
+    (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size=\(3, 3, 3\)"),
+    (dict(kernel_size=0), ValueError, r"kernel_size=0"),
+    (dict(stride=0), ValueError, r"stride=0"),
+    (dict(padding=-1), ValueError, r"padding=-1"),
+    (dict(padding="full"), ValueError, r"padding='full'"),
+    (dict(padding="same", stride=2), ValueError, r"padding='same'.*stride=\(2, 2\)"),
+    (dict(padding_mode="mirror"), ValueError, r"padding_mode='mirror'"),
+    (dict(kernel_size="3"), TypeError, r"kernel_size='3'"),
+    (dict(strategy="fastest"), ValueError, r"strategy='fastest'"),
+])
+def test_constructor_errors(kwargs, exc, match):
+    args = dict(in_channels=4, out_channels=8, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        DynamicConv2d(**args)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (2, 4, 8), (2, 4, 8, 8, 8), (8,)])
+def test_wrong_input_errors(shape):
+    layer = DynamicConv2d(4, 8, 3)
+    with pytest.raises(ValueError, match=r"Received: input shape \[" + ", ".join(map(str, shape)) + r"\]"):
+        layer(torch.randn(shape))
+
+
+def test_set_temperature_errors():
+    with pytest.raises(ValueError, match=r"temperature=0"):
+        dyconv.set_temperature(DynamicConv2d(4, 4, 3), 0)
