@@ -180,6 +180,8 @@ class _DynamicConvND(keras.layers.Layer):
             tuple(range(2, self.rank + 2))
         pooled = ops.mean(inputs, axis=spatial_axes)
         logits = self.attention_logits(self.attention_hidden(pooled))
+        if self.num_experts == 1:  # softmax over one value is 1 (Keras warns about it)
+            return ops.ones_like(logits)
         return ops.softmax(logits / ops.cast(self.temperature, logits.dtype), axis=-1)
 
     def call(self, inputs):
