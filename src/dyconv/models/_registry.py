@@ -20,13 +20,13 @@ DYNAMIC_OPTIONS = ("num_experts", "reduction", "temperature")
 
 @dataclass(frozen=True)
 class PaperFigures:
-    """A model's figures as printed in a paper (ImageNet, 224×224, one image); ``None`` where it has none.
+    """A model's figures as printed in a paper; ``None`` where it has none.
 
     Attributes:
         params: parameter count.
-        madds: multiply-adds per image.
-        top1: ImageNet top-1 accuracy in percent.
-        source: where the figures come from.
+        madds: multiply-adds per image (224×224 for the ImageNet models).
+        top1: top-1 accuracy in percent on the source's dataset (ImageNet for the 2-D models).
+        source: where the figures come from, and on which dataset.
     """
 
     params: int | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._blocks import ConvLayer, dynamic_conv_layer
-from ._registry import register_model
+from ._registry import PaperFigures, register_model
 
 
 class CNN1d(nn.Module):
@@ -57,7 +57,8 @@ def _check_small_input(small_input: bool) -> None:
                          f"remove. Received: small_input={small_input!r}")
 
 
-@register_model(twin="dy_cnn1d", input_size=(1, 1, 40), num_classes=10)
+@register_model(twin="dy_cnn1d", input_size=(1, 1, 40), num_classes=10,
+                paper=PaperFigures(top1=94.0, source="Greydanus 2020 (MNIST-1D): CNN baseline test accuracy, about 94 %"))
 def cnn1d(*, num_classes=1000, in_channels=3, small_input=False) -> CNN1d:
     """The MNIST-1D paper's CNN baseline (pass ``num_classes=10, in_channels=1`` for MNIST-1D)."""
     _check_small_input(small_input)
