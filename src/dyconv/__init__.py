@@ -3,6 +3,8 @@
 from .attention import ExpertAttention
 from .functional import dynamic_conv
 from .layers import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from .models import create_model, list_models, model_info
+from .profile import Profile, profile
 from .temperature import TemperatureScheduler, get_temperature, set_temperature
 
 __version__ = "0.1.0"
@@ -12,8 +14,13 @@ __all__ = [
     "DynamicConv2d",
     "DynamicConv3d",
     "ExpertAttention",
+    "Profile",
     "TemperatureScheduler",
+    "create_model",
     "dynamic_conv",
     "get_temperature",
+    "list_models",
+    "model_info",
+    "profile",
     "set_temperature",
 ]
