@@ -151,5 +151,6 @@ def test_attention_statistics_of_uniform_and_one_hot():
     with torch.no_grad():
         layer.router.fc2.weight.zero_()
         layer.router.fc2.bias.copy_(torch.tensor([0.0, 0.0, 100.0, 0.0]))
+    dyconv.set_temperature(model, 1.0)  # at the initial 30 the logit 100 would not yet be one-hot
     entry = attention_statistics(model, batches, num_classes=3)["layers"][0]
     assert entry["entropy"] == pytest.approx(0.0, abs=1e-6) and entry["mean"] == pytest.approx([0, 0, 1, 0])
