@@ -59,3 +59,15 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics, temperatures) to every process.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step of an epoch the
+    replicas' running statistics differ by that step; evaluation and checkpoints need one consistent model.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src)

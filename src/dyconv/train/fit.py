@@ -303,6 +303,7 @@ def _fit(config: TrainConfig, create_model, info: distributed.DistInfo, device: 
                                 **{"samples/s": f"{seen * info.world_size / max(elapsed, 1e-9):.0f}"},
                                 tau=f"{get_temperature(raw_model) or 0:.2f}")
         log.progress.close()
+        distributed.broadcast_buffers(raw_model)
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
