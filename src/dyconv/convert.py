@@ -327,8 +327,8 @@ def convert_report(model: nn.Module, *, num_experts: int = 4, reduction: int = 4
     with the reason, and the parameter counts before and after (computed from the shapes).
 
     Example:
-        >>> print(dyconv.convert_report(torchvision.models.resnet18(), exclude="fc"))
-        converted 19 convolution(s), skipped 1; parameters 11,689,512 -> 44,730,968 (3.83x)
+        >>> print(dyconv.convert_report(torchvision.models.resnet18()))
+        converted 19 convolution(s), skipped 1; parameters 11,689,512 -> 45,472,052 (3.89x)
         ...
     """
     _args.positive_int(num_experts, "num_experts")
