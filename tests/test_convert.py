@@ -175,6 +175,7 @@ def test_dynamic_conv2d_same_matches_timm_conv2d_same(size):
     x = torch.randn(2, 4, *size, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x))
     torch.testing.assert_close(layer(x[0]), conv(x[0]))  # unbatched
+    torch.testing.assert_close(torch.jit.script(layer)(x), conv(x))
     back = dyconv.average_experts(nn.Sequential(layer))[0]
     assert type(back) is Conv2dSame
     torch.testing.assert_close(back(x), conv(x))

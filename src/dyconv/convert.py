@@ -30,19 +30,18 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Union
+from typing import List, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from . import _args
+from .functional import dynamic_conv
 from .layers import DYNAMIC_CONV_TYPES, DynamicConv1d, DynamicConv2d, DynamicConv3d
 
 #: A module selector: a qualified module name, a glob pattern, a list of them, or ``(name, module) -> bool``.
@@ -52,7 +51,7 @@ STATIC_TO_DYNAMIC = {nn.Conv1d: DynamicConv1d, nn.Conv2d: DynamicConv2d, nn.Conv
 INITS = ("copy", "fresh")
 
 
-def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int) -> tuple[int, int]:
+def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int) -> Tuple[int, int]:
     """TensorFlow "SAME" padding (before, after) of one spatial dimension of length ``size``.
 
     The output has ``ceil(size / stride)`` positions; the padding that needs is split with the odd
@@ -63,16 +62,17 @@ def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int) -> 
     >>> tf_same_padding(8, 3, 2, 1)
     (0, 1)
     """
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+    out = (size + stride - 1) // stride
+    total = max((out - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
 
 
 class DynamicConv2dSame(DynamicConv2d):
     """:class:`dyconv.DynamicConv2d` with TensorFlow "SAME" zero padding computed from each input's size.
 
-    The dynamic counterpart of timm's ``Conv2dSame`` (used by its ``tf_*`` models): the input is
-    padded by :func:`tf_same_padding` in each spatial dimension, then convolved with ``padding=0``.
-    :func:`convert` creates it; it is not needed otherwise.
+    The dynamic counterpart of timm's ``Conv2dSame`` (used by its ``tf_*`` models): each spatial
+    dimension is padded by :func:`tf_same_padding`, then convolved. :func:`convert` creates it (with
+    ``padding=0``); import it from ``dyconv.convert``. TorchScript-compatible.
 
     Example:
         >>> layer = DynamicConv2dSame(4, 8, 3, stride=2)
@@ -81,11 +81,21 @@ class DynamicConv2dSame(DynamicConv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        pad = []
-        for dim in range(x.dim() - 1, x.dim() - 3, -1):  # F.pad wants the last dimension first
-            axis = dim - (x.dim() - 2)
-            pad.extend(tf_same_padding(x.shape[dim], self.kernel_size[axis], self.stride[axis], self.dilation[axis]))
-        return super().forward(F.pad(x, pad))
+        self._check_input(x, allow_unbatched=True)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        padding: List[int] = []  # (before, after) per spatial dimension, in dimension order
+        for axis in range(2):
+            before, after = tf_same_padding(x.shape[axis + 2], self.kernel_size[axis], self.stride[axis],
+                                            self.dilation[axis])
+            padding.append(before + self._padding_pairs[2 * axis])
+            padding.append(after + self._padding_pairs[2 * axis + 1])
+        out = dynamic_conv(x, self.weight, self.bias, self.attention(x), self.stride, padding, self.dilation,
+                           self.groups, self.padding_mode, self.strategy)
+        if unbatched:
+            out = out.squeeze(0)
+        return out
 
 
 def _timm_conv2d_same() -> type | None:
