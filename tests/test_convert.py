@@ -385,3 +385,34 @@ def test_average_experts_is_the_mean_and_keeps_arguments():
     x = torch.randn(2, 4, 3, 9, 8)
     dyconv.set_temperature(model, 1e30)
     torch.testing.assert_close(model(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+# The registry's documented placement (dyconv/models/*.py docstrings): ResNets and the 1-D CNN: every conv but the
+# stem; MobileNetV2: the final 1x1 (320 -> 1280) stays static too; MobileNetV3: the squeeze-excitation 1x1s too.
+TWIN_EXCLUDE = {"resnet": None, "cnn1d": None, "mobilenetv2": "features.18", "mobilenetv3": "*.fc[12]"}
+FAST_TWINS = ("cnn1d", "resnet10", "resnet18", "mobilenetv2_050", "mobilenetv3_small_100")
+
+
+def static_registry_models():
+    return [pytest.param(n, id=n, marks=() if n in FAST_TWINS else pytest.mark.slow)
+            for n in dyconv.list_models() if not dyconv.model_info(n).dynamic]
+
+
+@pytest.mark.parametrize("name", static_registry_models())
+def test_converting_a_static_twin_gives_the_registry_dy_twin(name):
+    info = dyconv.model_info(name)
+    exclude = next(v for family, v in TWIN_EXCLUDE.items() if name.startswith(family))
+    converted = dyconv.convert(dyconv.create_model(name), exclude=exclude, num_experts=3, reduction=8)
+    twin = dyconv.create_model(info.twin, num_experts=3, reduction=8)
+    types = {n: type(m) for n, m in converted.named_modules() if isinstance(m, (*STATIC, *DYNAMIC))}
+    assert types == {n: type(m) for n, m in twin.named_modules() if isinstance(m, (*STATIC, *DYNAMIC))}
+    assert any(t in DYNAMIC for t in types.values())
+    # same parameters and buffers, name by name and shape by shape: a DY twin's checkpoint loads into it
+    assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in twin.parameters())
+    converted.load_state_dict(twin.state_dict())
+    # and then computes what the twin computes
+    shape = info.input_size if len(info.input_size) != 4 else (2, 3, 32, 32)
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        assert rel_err(converted.eval()(x), twin.eval()(x)) < RTOL
