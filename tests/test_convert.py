@@ -402,8 +402,9 @@ def static_registry_models():
 def test_converting_a_static_twin_gives_the_registry_dy_twin(name):
     info = dyconv.model_info(name)
     exclude = next(v for family, v in TWIN_EXCLUDE.items() if name.startswith(family))
-    converted = dyconv.convert(dyconv.create_model(name), exclude=exclude, num_experts=3, reduction=8)
-    twin = dyconv.create_model(info.twin, num_experts=3, reduction=8)
+    options = dict(in_channels=info.input_size[1], num_classes=info.num_classes)
+    converted = dyconv.convert(dyconv.create_model(name, **options), exclude=exclude, num_experts=3, reduction=8)
+    twin = dyconv.create_model(info.twin, **options, num_experts=3, reduction=8)
     types = {n: type(m) for n, m in converted.named_modules() if isinstance(m, (*STATIC, *DYNAMIC))}
     assert types == {n: type(m) for n, m in twin.named_modules() if isinstance(m, (*STATIC, *DYNAMIC))}
     assert any(t in DYNAMIC for t in types.values())
