@@ -418,3 +418,25 @@ def test_converting_a_static_twin_gives_the_registry_dy_twin(name):
     x = torch.randn(2, *shape[1:])
     with torch.no_grad():
         assert rel_err(converted.eval()(x), twin.eval()(x)) < RTOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_conversion_keeps_the_device():
+    model = Conv1dNet().cuda().eval()
+    x = torch.randn(2, 2, 37, device="cuda")
+    dy = dyconv.convert(model)
+    assert all(p.is_cuda for p in dy.parameters()) and all(b.is_cuda for b in dy.buffers())
+    with torch.no_grad():
+        assert rel_err(dy(x), model(x)) < RTOL
+
+
+def test_report_text_and_dry_run_leave_the_model_alone():
+    model = Conv1dNet()
+    before = snapshot(model)
+    report = dyconv.convert_report(model, exclude="grouped")
+    assert same_state(model, before) and not any(isinstance(m, DYNAMIC) for m in model.modules())
+    assert report.converted == ["dilated", "even_same", "depthwise", "valid"]
+    assert report.skipped == {"stem": report.skipped["stem"], "grouped": "selected by exclude"}
+    text = str(report)
+    assert text.startswith("converted 4 convolution(s), skipped 2; parameters ")
+    assert "  skipped    grouped: selected by exclude" in text.splitlines()
