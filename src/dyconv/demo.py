@@ -45,15 +45,12 @@ def measure_latency(model: nn.Module, example: torch.Tensor, *, repeats: int = 2
 def _profile(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, float | None]:
     """Parameters and MAdds from ``dyconv.profile`` (which counts the dynamic layers' attention and
     aggregation); parameters are counted directly when it is unavailable."""
-    import dyconv
-
-    params = sum(p.numel() for p in model.parameters())
-    profile = getattr(dyconv, "profile", None)
-    if profile is None:
-        return {"params": params, "madds": None}
+    try:
+        from .profile import profile
+    except ImportError:
+        return {"params": sum(p.numel() for p in model.parameters()), "madds": None}
     info = profile(model, input_size)
-    get = info.get if isinstance(info, dict) else lambda k, d=None: getattr(info, k, d)
-    return {"params": get("params", params), "madds": get("madds", None)}
+    return {"params": info.params, "madds": info.madds}
 
 
 def _fmt_count(n: float | None) -> str:

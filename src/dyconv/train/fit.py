@@ -40,12 +40,11 @@ RUN_CONTROL = {"resume", "stop_after", "progress", "device", "num_workers", "dat
 
 
 def _default_create_model() -> Callable[..., nn.Module]:
-    import dyconv
-
-    create = getattr(dyconv, "create_model", None)
-    if create is None:
-        raise RuntimeError("dyconv.create_model is not available in this installation; pass create_model=.")
-    return create
+    try:
+        from ..models import create_model
+    except ImportError as e:
+        raise RuntimeError("The model registry (dyconv.models) is not available; pass create_model=.") from e
+    return create_model
 
 
 def model_kwargs_for(config: TrainConfig, data: DataSplits) -> dict[str, Any]:
