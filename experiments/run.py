@@ -25,13 +25,14 @@ HERE = Path(__file__).resolve().parent
 def plan(table: dict, seeds: list[int], only: list[str] | None) -> list[dict]:
     """Every run of the table: ``{"group", "label", "model", "recipe", "overrides", "seed", "name"}``."""
     runs = []
-    for group in table["groups"]:
-        if only and group["name"] not in only:
-            continue
-        recipe = table["recipes"][group["recipe"]]
-        for entry in group["runs"]:
-            for seed in seeds:
-                name = f"{group['name']}/{entry['label']}/seed{seed}"
+    # Seed-major order: after the first pass every row has one seed, so a table cut short is still complete.
+    for seed in seeds:
+        for group in table["groups"]:
+            if only and group["name"] not in only:
+                continue
+            recipe = table["recipes"][group["recipe"]]
+            for entry in group["runs"]:
+                name = f"{group['name']}/{entry['label'].replace(' ', '_')}/seed{seed}"
                 runs.append({"group": group["name"], "label": entry["label"], "model": entry["model"],
                              "recipe": recipe, "overrides": entry.get("overrides", {}), "seed": seed,
                              "uniform_eval": bool(entry.get("uniform_eval", False)), "name": name})
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="results", help="run folders (git-ignored)")
     parser.add_argument("--summary", default=str(HERE / "results"), help="where summary.json/.md go")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (1: no spin-waiting when the CPU is shared); 0: PyTorch default")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     table = yaml.safe_load(Path(args.table).read_text())
@@ -124,6 +127,10 @@ def main(argv=None) -> int:
         for r in runs:
             print(r["name"], r["model"], r["overrides"])
         return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = {}
     summary_dir = Path(args.summary)
     summary_dir.mkdir(parents=True, exist_ok=True)
