@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     table = yaml.safe_load(Path(args.table).read_text())
     runs = plan(table, args.seeds or table.get("seeds", [0, 1, 2]), args.only)
+    all_runs = plan(table, table.get("seeds", [0, 1, 2]), None)
     if args.dry_run:
         for r in runs:
             print(r["name"], r["model"], r["overrides"])
@@ -141,11 +143,32 @@ def main(argv=None) -> int:
         print(f"    test top-1 {100 * r['test_acc']:.2f}%, train {r['train_time_s']:.0f}s"
               + (f", attention off {100 * r['test_acc_uniform']:.2f}%" if "test_acc_uniform" in r else ""),
               flush=True)
-        summary = summarize(table, runs, results)  # rewritten after every run: partial tables stay usable
-        (summary_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (summary_dir / "summary.md").write_text(to_markdown(summary, table))
-    print(to_markdown(summarize(table, runs, results), table))
+        # Rewritten after every run from every finished run on disk (other seeds may run in parallel
+        # processes), so that a partial table is always usable.
+        write_summary(table, all_runs, Path(args.output), summary_dir)
+    print(write_summary(table, all_runs, Path(args.output), summary_dir))
     return 0
+
+
+def finished_results(runs: list[dict], output: Path) -> dict[str, dict]:
+    found = {}
+    for run in runs:
+        path = output / run["name"] / "results.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            if r.get("finished") and "test_acc" in r and (not run["uniform_eval"] or "test_acc_uniform" in r):
+                found[run["name"]] = r
+    return found
+
+
+def write_summary(table: dict, runs: list[dict], output: Path, summary_dir: Path) -> str:
+    summary = summarize(table, runs, finished_results(runs, output))
+    text = to_markdown(summary, table)
+    for name, content in (("summary.json", json.dumps(summary, indent=2) + "\n"), ("summary.md", text)):
+        tmp = summary_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, summary_dir / name)
+    return text
 
 
 if __name__ == "__main__":
