@@ -344,3 +344,41 @@ def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     graph = DynamicConvTracer().trace(model)
     name = model.__class__.__name__
     return torch.fx.GraphModule(model, graph, name)
+
+
+def export_and_check(model: nn.Module, sample_shape: Sequence[int], output: str | os.PathLike, *,
+                     format: str = "onnx", dynamo: bool = True, method: str = "script", example_batch: int = 2,
+                     batch_sizes: Sequence[int] = (1, 3, 7), rtol: float = DEFAULT_RTOL,
+                     atol: float = DEFAULT_ATOL) -> tuple[Path, ParityReport]:
+    """Export ``model`` (put in eval mode), load the file back and compare it against eager at ``batch_sizes``.
+
+    What ``dyconv export`` runs. A file with a batch size baked in fails the check at the other batch sizes.
+
+    Args:
+        model: the model; it is switched to eval mode.
+        sample_shape: one input sample's shape ``(C, *spatial)``.
+        output: the file to write.
+        format: ``'onnx'`` or ``'torchscript'``.
+        dynamo: ONNX only: which exporter (see :func:`export_onnx`).
+        method: TorchScript only: ``'script'`` or ``'trace'``.
+        example_batch: batch size of the example input used for exporting/tracing (at least 2).
+        batch_sizes, rtol, atol: see :func:`check_parity`.
+
+    Returns:
+        ``(path, report)``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}. Received: format={format!r}")
+    sample_shape = tuple(int(s) for s in sample_shape)
+    if not sample_shape or any(s < 1 for s in sample_shape):
+        raise ValueError(f"sample_shape must be (channels, *spatial) with positive sizes. Received: "
+                         f"sample_shape={sample_shape!r}")
+    model = model.eval()
+    example = torch.randn((example_batch, *sample_shape), generator=torch.Generator().manual_seed(1))
+    if format == "onnx":
+        path = export_onnx(model, example, output, dynamo=dynamo)
+    else:
+        path = export_torchscript(model, example, output, method=method)
+    report = check_parity(model, load_exported(path, format), sample_shape, batch_sizes=batch_sizes, rtol=rtol,
+                          atol=atol)
+    return path, report
