@@ -65,6 +65,16 @@ CASES = [
 # channels_first on the cases where the layout changes the code path (groups, depthwise, 1-D, 3-D)
 FORMAT_CASES = [(case, "channels_last") for case in CASES] + [
     (CASES[i], "channels_first") for i in (2, 7, 8, 12, 15)]
+# On jax and tensorflow every new shape compiles, so their default run keeps the cases that cover each
+# feature once (strided 'same', strides with dilation, groups, depthwise, explicit padding, no bias, 1-D
+# causal, 1-D/3-D grouped, both formats); the rest run with --runslow (as in CI).
+CORE = {(2, "channels_last"), (6, "channels_last"), (7, "channels_last"), (9, "channels_last"),
+        (10, "channels_last"), (12, "channels_last"), (13, "channels_last"), (15, "channels_last"),
+        (8, "channels_first"), (15, "channels_first")}
+FORMAT_CASES = [
+    pytest.param(case, fmt, marks=() if BACKEND == "torch" or (CASES.index(case), fmt) in CORE else pytest.mark.slow)
+    for case, fmt in FORMAT_CASES
+]
 
 
 @pytest.mark.parametrize("case, data_format", FORMAT_CASES)
@@ -136,7 +146,7 @@ def test_output_shape_before_call(kwargs, size, data_format):
     conv = keras.layers.Conv2D(8, data_format=data_format, **kwargs)
     assert not layer.built
     assert layer.compute_output_shape(shape) == conv.compute_output_shape(shape)
-    if size[0] is not None:
+    if size[0] is not None and BACKEND == "torch":  # (the reference tests check real outputs on every backend)
         x = _input((2, *shape[1:]))
         assert numpy(layer(x)).shape == (2, *layer.compute_output_shape(shape)[1:])
 
