@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..profile import Profile, profile
 from ._registry import ModelInfo, create_model, list_models, model_info
 
@@ -21,6 +23,8 @@ def model_table(pattern: str = "*") -> list[ModelRow]:
 
     The reference configuration is the registry's ``input_size`` (batch 1; 3×224×224 for the ImageNet
     models, 1×40 for the MNIST-1D pair) and ``num_classes``, default options otherwise (K = 4, reduction 4).
+    The models are built on PyTorch's ``meta`` device: the counts depend only on shapes, and nothing is
+    allocated or initialised (``tests/test_profile.py`` checks that meta and CPU give the same profile).
 
     Example:
         >>> [row.profile.params for row in model_table("resnet10")]
@@ -29,7 +33,8 @@ def model_table(pattern: str = "*") -> list[ModelRow]:
     rows = []
     for name in list_models(pattern):
         info = model_info(name)
-        model = create_model(name, num_classes=info.num_classes, in_channels=info.input_size[1])
+        with torch.device("meta"):
+            model = create_model(name, num_classes=info.num_classes, in_channels=info.input_size[1])
         rows.append(ModelRow(info, profile(model, info.input_size)))
     return rows
 
