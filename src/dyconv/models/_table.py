@@ -31,7 +31,8 @@ def model_table(pattern: str = "*") -> list[ModelRow]:
         [5418792]
     """
     rows = []
-    for name in list_models(pattern):
+    # each static model followed by its dynamic twin
+    for name in sorted(list_models(pattern), key=lambda n: (n.removeprefix("dy_"), n.startswith("dy_"))):
         info = model_info(name)
         with torch.device("meta"):
             model = create_model(name, num_classes=info.num_classes, in_channels=info.input_size[1])
@@ -55,7 +56,7 @@ def _delta(ours: int, paper: int | None) -> str:
 def format_table(rows: list[ModelRow]) -> str:
     """The rows as a Markdown table: params and MAdds, the paper's figures and our difference to them."""
     header = ("| model | input | params | paper | Δ | MAdds | paper | Δ | DY overhead MAdds (attention + mixing) "
-              "| paper top-1 |")
+              "| paper top-1 % |")
     lines = [header, "|" + "---|" * 10]
     for row in rows:
         p, paper = row.profile, row.info.paper
