@@ -214,11 +214,16 @@ def _stays_static(name, module_name, model):
 
 
 @pytest.mark.parametrize("name", _slow_unless(DYNAMIC, set(DYNAMIC) - HEAVY))
-@pytest.mark.parametrize("small_input", [False, True])
-def test_dynamic_model_is_static_twin_with_other_convs(name, small_input):
-    kwargs = {} if name in ONE_D else {"small_input": small_input}
-    if name in ONE_D and small_input:
-        pytest.skip("cnn1d has no small_input variant")
+def test_dynamic_model_is_static_twin_with_other_convs(name):
+    _check_structure(name, {})
+
+
+@pytest.mark.parametrize("name", _slow_unless([n for n in DYNAMIC if n not in ONE_D], FAST))
+def test_dynamic_model_is_static_twin_with_small_input(name):
+    _check_structure(name, {"small_input": True})
+
+
+def _check_structure(name, kwargs):
     dy = dyconv.create_model(name, **kwargs)
     static = dyconv.create_model(dyconv.model_info(name).twin, **kwargs)
     assert not any(isinstance(m, DYNAMIC_CONV_TYPES) for m in static.modules())
