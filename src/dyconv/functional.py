@@ -138,6 +138,10 @@ def conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
 
 
 def _one_hot_taps(in_channels: int, kernel_size: List[int], like: Tensor) -> Tensor:
+    # Python ints: under torch.jit.trace sizes are traced tensors, and the TorchScript-based ONNX exporter
+    # refuses a convolution whose kernel shape is computed (channel and kernel sizes never vary anyway).
+    in_channels = int(in_channels)
+    kernel_size = [int(k) for k in kernel_size]
     taps = 1
     for k in kernel_size:
         taps *= k
