@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1: no spin-waiting when the CPU is shared); 0: PyTorch default")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument("--summary-only", action="store_true", help="write the summary of the finished runs and exit")
     args = parser.parse_args(argv)
     table = yaml.safe_load(Path(args.table).read_text())
     runs = plan(table, args.seeds or table.get("seeds", [0, 1, 2]), args.only)
@@ -128,6 +129,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         for r in runs:
             print(r["name"], r["model"], r["overrides"])
+        return 0
+    if args.summary_only:
+        Path(args.summary).mkdir(parents=True, exist_ok=True)
+        print(write_summary(table, all_runs, Path(args.output), Path(args.summary)))
         return 0
     if args.threads:
         import torch

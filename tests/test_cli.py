@@ -84,9 +84,12 @@ def test_torchrun_two_processes_from_the_command_line(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_smoke(data_dir, tmp_path):
+def test_demo_quick_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no-system")
+    monkeypatch.setenv("DYCONV_CACHE", str(tmp_path / "cache"))
+    data_dir = write_fashion_mnist(tmp_path / "fm", 300, 40)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output", str(out), "--data-dir", str(data_dir), "--train-subset", "64",
+    assert main(["demo", "--quick", "--output", str(out), "--data-dir", str(data_dir), "--train-subset", "256",
                  "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["model"] for r in summary["rows"]] == ["mobilenetv2_035", "dy_mobilenetv2_035"]

@@ -198,7 +198,7 @@ class Custom(nn.Module):
         self.hooked.register_forward_hook(lambda module, inputs, output: output * 2)
         self.normed = parametrizations.weight_norm(nn.Conv2d(8, 8, 1))
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
-        self.plain = nn.Conv2d(8, 4, 1)
+        self.plain = nn.Conv2d(8, 4, (3, 2), padding="same", dilation=(2, 1))  # PyTorch "same", asymmetric
 
     def forward(self, x):
         x = self.stem(x)

@@ -20,7 +20,8 @@ def _key_value(text: str) -> tuple[str, object]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint or run folder written by dyconv train")
-    source.add_argument("--model", metavar="NAME", help="a registry model (freshly initialised), e.g. dy_mobilenetv2_035")
+    source.add_argument("--model", metavar="NAME", help="a registry model, freshly initialised in its reference "
+                        "configuration (classes, input channels), e.g. dy_mobilenetv2_035")
     parser.add_argument("--model-kwargs", nargs="*", type=_key_value, default=[], metavar="KEY=VALUE",
                         help="options for --model, e.g. num_classes=10 small_input=True")
     parser.add_argument("--format", choices=("onnx", "torchscript"), required=True)
@@ -37,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _registry_sample_shape(checkpoint: str | None, name: str | None, kwargs: dict) -> tuple[int, ...]:
-    """The registry's reference input (without the batch) for the model, with its ``in_channels``."""
+    """The registry's reference input (without the batch) for the model, with the channels it was built for."""
+    import inspect
+
     import dyconv
 
     if checkpoint is not None:
@@ -46,7 +49,8 @@ def _registry_sample_shape(checkpoint: str | None, name: str | None, kwargs: dic
         manifest = read_manifest(checkpoint)[1]
         name, kwargs = manifest["model"], dict(manifest.get("model_kwargs", {}))
     info = dyconv.models.model_info(name)
-    return (int(kwargs.get("in_channels", info.input_size[1])),) + tuple(info.input_size[2:])
+    channels = kwargs.get("in_channels", inspect.signature(dyconv.create_model).parameters["in_channels"].default)
+    return (int(channels),) + tuple(info.input_size[2:])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         import dyconv
 
-        name, kwargs = args.model, dict(args.model_kwargs)
+        # the registry's reference configuration (classes, input channels) unless overridden
+        info = dyconv.models.model_info(args.model)
+        name = args.model
+        kwargs = {"num_classes": info.num_classes, "in_channels": info.input_size[1], **dict(args.model_kwargs)}
         model = dyconv.create_model(name, **kwargs)
         source = f"model {name} {kwargs}" if kwargs else f"model {name}"
     shape = tuple(args.input_size) if args.input_size else _registry_sample_shape(args.checkpoint, name, kwargs)

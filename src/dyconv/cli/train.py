@@ -65,7 +65,9 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from dyconv.train import fit
 
+    import os
+
     results = fit(config_from_args(args))
-    if "test_acc" in results:
+    if "test_acc" in results and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
         print(f"test top-1 {100 * results['test_acc']:.2f}%  loss {results['test_loss']:.4f}  -> {results['output']}")
     return 0

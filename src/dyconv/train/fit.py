@@ -240,7 +240,7 @@ def _fit(config: TrainConfig, create_model, info: distributed.DistInfo, device: 
     temperature = (TemperatureScheduler(raw_model, t_start, t_end, t_epochs, steps_per_epoch)
                    if dynamic_layers(raw_model) else None)
     scaler = torch.amp.GradScaler(device.type) if config.amp and config.amp_dtype == "float16" else None
-    autocast = _autocast(device, config)  # validated once; a fresh context per use below
+    _autocast(device, config)  # fails early on an impossible amp setting; a fresh context is made per use
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
