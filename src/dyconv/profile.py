@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .functional import apply_padding
 from .layers import DYNAMIC_CONV_TYPES
@@ -70,6 +69,10 @@ def count_madds(fn: Callable[[], object]) -> int:
         >>> count_madds(lambda: torch.randn(2, 3) @ torch.randn(3, 4))
         24
     """
+    # imported here, not at module level: it imports triton, which crashes a process that imported
+    # TensorFlow first (so `import tensorflow; import dyconv` would fail)
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() // 2
@@ -133,6 +136,8 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
+        from torch.utils.flop_counter import FlopCounterMode
+
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
