@@ -12,9 +12,7 @@ import os
 import numpy as np
 import pytest
 
-# dyconv first: it imports torch.utils.flop_counter, which imports triton, and importing triton after
-# TensorFlow 2.21 crashes the process (segmentation fault) in this environment.
-import dyconv  # noqa: E402,F401
+import dyconv  # noqa: F401
 
 BACKEND = os.environ.setdefault("KERAS_BACKEND", "torch")
 pytest.importorskip({"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}.get(BACKEND, BACKEND))

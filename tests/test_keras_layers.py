@@ -318,3 +318,14 @@ def test_tf_function_unknown_batch(jit_compile):
         return same(inputs)
 
     np.testing.assert_allclose(unknown_size(tf.constant(x[:2])).numpy(), reference_output(same, x[:2]), **TOL)
+
+
+def test_dyconv_imports_after_tensorflow_without_triton():
+    # importing triton after TensorFlow 2.21 crashes the process; dyconv must not import it on import
+    import subprocess
+    import sys
+
+    code = "import sys, tensorflow, dyconv, dyconv.keras; assert 'triton' not in sys.modules"
+    pytest.importorskip("tensorflow")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
