@@ -322,10 +322,12 @@ def test_tf_function_unknown_batch(jit_compile):
 
 def test_dyconv_imports_after_tensorflow_without_triton():
     # importing triton after TensorFlow 2.21 crashes the process; dyconv must not import it on import
+    import os
     import subprocess
     import sys
 
     code = "import sys, tensorflow, dyconv, dyconv.keras; assert 'triton' not in sys.modules"
     pytest.importorskip("tensorflow")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
