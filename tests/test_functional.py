@@ -213,3 +213,17 @@ def test_traced_layer_uses_a_batch_generic_strategy(monkeypatch):
     assert picked and all(p in BATCH_GENERIC_STRATEGIES for p in picked)
     x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(traced(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_chunked_output_can_be_modified_in_place(kernel_size, channels_last):
+    layer = DynamicConv2d(4, 6, kernel_size, padding=kernel_size // 2, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    if channels_last:
+        layer, x = layer.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    (ref,) = torch.autograd.grad(run(layer, x, "loop").relu().sum(), [layer.weight])
+    out = run(layer, x, "chunked")
+    torch.relu_(out)  # an in-place activation right after the layer, as in many models
+    (grad,) = torch.autograd.grad(out.sum(), [layer.weight])
+    torch.testing.assert_close(grad, ref, **TOL[torch.float64])

@@ -142,7 +142,14 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
-        return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+        out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+        if out._is_view():
+            # A Function's output that is a view (our reshape of the convolution's result) may not be
+            # modified in place (e.g. by an in-place activation); the same memory without view
+            # bookkeeping may, and costs no copy.
+            owner = torch.empty(0, dtype=out.dtype, device=out.device)
+            out = owner.set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
