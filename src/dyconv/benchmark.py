@@ -292,6 +292,26 @@ def benchmark_network(name: str, *, batch_size: int = 32, image_size: int = 224,
     return _rows("network", name, measured, sides)
 
 
+def network_training_memory(name: str, *, batch_size: int = 32, image_size: int = 112) -> dict[str, int]:
+    """Peak training-step memory in bytes of the static, dyconv and naive versions of network ``name``.
+
+    The same figure as the memory column of :func:`run_benchmark`, without the timings (contiguous format).
+    """
+    torch.manual_seed(0)
+    static, dynamic = build_network(name)
+    twin = naive_model(build_network(name)[1])
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    labels = torch.randint(0, 1000, (batch_size,))
+    peaks = {}
+    for side, model in (("static", static), ("dyconv", dynamic), ("naive", twin)):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        step = _train(model, x, lambda y: F.cross_entropy(y, labels), optimizer)
+        step()  # gradients and optimizer state exist before the measured step, as in training
+        peaks[side] = peak_training_memory(step)
+    return peaks
+
+
 COLUMNS = ("kind", "name", "implementation", "format", "static_format", "b1_static_ms", "b1_ratio",
            "batch_static_ms", "batch_ratio", "train_static_ms", "train_ratio", "memory_static_mb", "memory_ratio")
 
