@@ -222,9 +222,9 @@ def chunked_autograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], attentio
                      padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
     """:func:`chunked_forward` with memory-bounded backward (eager mode only: not scriptable or traceable)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:
         # autocast would not reach the ops that backward runs; cast once here so both run in its dtype
-        dtype = torch.get_autocast_dtype(device_type)
         x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
@@ -248,12 +248,21 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     chunk = chunk_size(x.shape[0], weight[0].numel(), FORWARD_CHUNK_ELEMENTS)
     if _needs_grad(x, weight, bias, attention) and not _tracing_or_compiling():
         return chunked_autograd(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
         x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype if autocast is on for this device type (``meta`` and the like have none)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _needs_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor) -> bool:
