@@ -1,10 +1,13 @@
 """Every per-sample convolution strategy, called directly, against the nn.ConvNd reference."""
 
+import copy
+
 import pytest
 import torch
 
 from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
-from dyconv.functional import STRATEGIES, apply_padding, dynamic_conv, select_strategy
+from dyconv import _chunked
+from dyconv.functional import BATCH_GENERIC_STRATEGIES, STRATEGIES, apply_padding, dynamic_conv, select_strategy
 from reference import TOL, manual_attention, per_sample_reference
 
 LAYER = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
@@ -67,11 +70,11 @@ def run_with(layer, x, attention, strategy):
                         layer.groups, layer.padding_mode, strategy)
 
 
-def test_auto_picks_by_shape():
+def test_auto_picks_chunked_in_eager_mode():
     w3, w1 = torch.zeros(4, 8, 8, 3, 3), torch.zeros(4, 8, 8, 1, 1)
-    assert select_strategy(torch.zeros(1, 8, 5, 5), w3, [1, 1], 1) == "loop"
-    assert select_strategy(torch.zeros(4, 8, 5, 5), w3, [1, 1], 1) == "groups"
-    assert select_strategy(torch.zeros(4, 8, 5, 5), w1, [0, 0], 1) == "matmul"
+    assert select_strategy(torch.zeros(1, 8, 5, 5), w3, [1, 1], 1) == "chunked"
+    assert select_strategy(torch.zeros(4, 8, 5, 5), w3, [1, 1], 1) == "chunked"
+    assert select_strategy(torch.zeros(4, 8, 5, 5), w1, [0, 0], 1) == "chunked"
 
 
 def test_padding_is_left_to_the_conv_when_it_can():
@@ -89,3 +92,138 @@ def test_errors():
         dynamic_conv(x, w, None, a, [1, 1], [0, 0, 0, 0], [1, 1], 1, "zeros", "bogus")
     with pytest.raises(ValueError, match="1x1 kernels"):
         dynamic_conv(x, w, None, a, [1, 1], [0, 0, 0, 0], [1, 1], 1, "zeros", "matmul")
+
+
+# --- the "chunked" strategy: several chunks, channels_last, bounded saved memory, scripting -------------------
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Budgets so small that a batch of 5 splits into chunks of 2 samples (forward) and 3 (backward)."""
+    monkeypatch.setattr(_chunked, "FORWARD_CHUNK_ELEMENTS", 2)
+    monkeypatch.setattr(_chunked, "BACKWARD_CHUNK_ELEMENTS", 3)
+    monkeypatch.setattr(_chunked, "chunk_size", lambda batch, kernel_numel, budget: min(batch, budget))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_chunked_over_several_chunks_matches_reference(tiny_chunks, rank, case):
+    layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
+    x = torch.randn(5, 4, *SPATIAL[rank], dtype=torch.float64, requires_grad=True)
+    out = run(layer, x, "chunked")
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+    grads = torch.autograd.grad(out.sin().sum(), params)
+    ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kernel_size,bias", [(3, True), (1, False), (1, True)])
+def test_chunked_gradcheck(tiny_chunks, kernel_size, bias):
+    x = torch.randn(5, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 2, kernel_size, kernel_size, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True) if bias else None
+    a = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+    pad = [kernel_size // 2] * 4
+
+    def fn(x, w, a, b):
+        return dynamic_conv(x, w, b, a, [1, 1], pad, [1, 1], 1, "zeros", "chunked")
+
+    assert torch.autograd.gradcheck(fn, (x, w, a, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("kernel_size,groups", [(3, 1), (1, 1), (3, 8), (1, 2)])
+def test_chunked_channels_last_forward_and_backward(tiny_chunks, kernel_size, groups):
+    layer = DynamicConv2d(8, 8, kernel_size, padding=kernel_size // 2, groups=groups, dtype=torch.float64)
+    x = torch.randn(5, 8, 6, 7, dtype=torch.float64)
+    ref = per_sample_reference(layer, x)
+    ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), [layer.weight, layer.bias])
+    layer_cl = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    if kernel_size > 1 and groups == 1:  # the experts themselves are channels_last: mixed without a copy
+        assert not layer_cl.weight.is_contiguous()
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    out = run(layer_cl, x_cl, "chunked")
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    grads = torch.autograd.grad(out.sin().sum(), [layer_cl.weight, layer_cl.bias])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+def largest_saved_tensor(layer, x, strategy):
+    """The largest number of elements autograd saves for backward in one call of the layer."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(layer, x, strategy).sum()
+    return max(sizes)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_chunked_does_not_keep_per_sample_kernels_for_backward(kernel_size):
+    batch = 16
+    layer = DynamicConv2d(32, 32, kernel_size, padding=kernel_size // 2, num_experts=4)
+    x = torch.randn(batch, 32, 4, 4, requires_grad=True)
+    per_sample_kernels = batch * layer.weight[0].numel()
+    # the plain batch-as-groups strategy does keep them: the measurement sees them
+    assert largest_saved_tensor(layer, x, "groups") >= per_sample_kernels
+    saved = largest_saved_tensor(layer, x, "chunked")
+    assert saved < per_sample_kernels
+    assert saved <= max(x.numel(), layer.weight.numel())
+
+
+def test_chunked_bias_free_and_frozen_inputs():
+    layer = DynamicConv2d(4, 6, 3, padding=1, bias=False, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)  # no gradient for the input
+    out = run(layer, x, "chunked")
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    (g,) = torch.autograd.grad(out.sum(), [layer.weight])
+    (r,) = torch.autograd.grad(run(layer, x, "loop").sum(), [layer.weight])
+    torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_scripted_layer_matches_eager(kernel_size):
+    layer = DynamicConv2d(4, 6, kernel_size, padding=kernel_size // 2, dtype=torch.float64)
+    scripted = torch.jit.script(layer)
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(scripted(x), per_sample_reference(layer, x), **TOL[torch.float64])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), layer(x), **TOL[torch.float64])
+    scripted(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_traced_layer_uses_a_batch_generic_strategy(monkeypatch):
+    import dyconv.functional
+
+    picked = []
+    original = dyconv.functional.select_strategy
+
+    def spy(*args):
+        picked.append(original(*args))
+        return picked[-1]
+
+    monkeypatch.setattr(dyconv.functional, "select_strategy", spy)
+    layer = DynamicConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    traced = torch.jit.trace(layer, torch.randn(2, 4, 7, 7, dtype=torch.float64), check_trace=False)
+    assert picked and all(p in BATCH_GENERIC_STRATEGIES for p in picked)
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(traced(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_chunked_output_can_be_modified_in_place(kernel_size, channels_last):
+    layer = DynamicConv2d(4, 6, kernel_size, padding=kernel_size // 2, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    if channels_last:
+        layer, x = layer.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    (ref,) = torch.autograd.grad(run(layer, x, "loop").relu().sum(), [layer.weight])
+    out = run(layer, x, "chunked")
+    torch.relu_(out)  # an in-place activation right after the layer, as in many models
+    (grad,) = torch.autograd.grad(out.sum(), [layer.weight])
+    torch.testing.assert_close(grad, ref, **TOL[torch.float64])

@@ -22,6 +22,14 @@ Strategies (all give the same numbers up to floating-point rounding):
 ``"experts"``
     Convolve with all K kernels at once, then mix the K outputs (K× the FLOPs; cheap for
     depthwise layers). Also free of batch-size constants.
+``"chunked"``
+    Batch-as-groups over chunks of the batch whose mixed kernels fit a fixed budget (a batched matrix
+    product for unpadded stride-1 1×1 kernels). With gradients, a custom autograd function recomputes the
+    mixed kernels in backward instead of keeping them, so training memory does not grow with
+    ``batch × kernel size`` per layer (see :mod:`dyconv._chunked`). The default in eager mode.
+
+Only ``"chunked"`` bounds training memory; the other strategies leave backward to autograd, which keeps
+every sample's mixed kernel until backward.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts")
+from ._chunked import conv_chunked
+
+STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
 BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
 
@@ -198,17 +208,17 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int) 
 
     While tracing, exporting or compiling, only strategies without batch-size constants qualify.
     """
-    one_by_one = weight[0, 0, 0].numel() == 1 and not any([p != 0 for p in padding])
-    if one_by_one:
-        return "matmul"
     batch_generic = False
     if not torch.jit.is_scripting():
         batch_generic = _tracing_or_exporting()
-    if batch_generic:
-        return "experts" if weight.shape[2] == 1 else "unfold"
-    if x.shape[0] == 1:
-        return "loop"
-    return "groups"
+    if not batch_generic:
+        # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
+        # is aggregate-then-convolve, one chunk of many is batch-as-groups (or one bmm for 1x1)
+        return "chunked"
+    one_by_one = weight[0, 0, 0].numel() == 1 and not any([p != 0 for p in padding])
+    if one_by_one:
+        return "matmul"
+    return "experts" if weight.shape[2] == 1 else "unfold"
 
 
 def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
@@ -250,4 +260,7 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         return conv_unfold(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "experts":
         return conv_experts(x, weight, bias, attention, stride, conv_padding, dilation, groups)
-    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold' or 'experts'. Received: strategy='" + strategy + "'")
+    if strategy == "chunked":
+        return conv_chunked(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts' or 'chunked'. "
+                     "Received: strategy='" + strategy + "'")

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Sequence
 
 # Each name is a module ``dyconv.cli.<name>`` with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMANDS = ("demo", "train", "eval", "plot", "models", "export")
+COMMANDS = ("demo", "train", "eval", "plot", "models", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

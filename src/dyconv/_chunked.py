@@ -1,0 +1,279 @@
+"""The ``"chunked"`` strategy: per-sample convolution over batch chunks, kernels recomputed in backward.
+
+Mixing the K experts materialises one kernel per sample: ``batch × kernel size`` values per layer. Kept for
+backward by autograd in every layer of a network, they grow with the batch until memory runs out (the
+complaint in spec §3). Here the batch is processed in chunks whose mixed kernels stay under a fixed number
+of elements, and a custom :class:`torch.autograd.Function` saves only the inputs, the experts and the
+attention: backward mixes each chunk's kernels again, takes the convolution's gradients for that chunk, and
+turns the per-sample kernel gradients into the expert and attention gradients with two matrix products
+before the next chunk. Live memory per layer is O(chunk × kernel size), whatever the batch.
+
+Per chunk the convolution is one call: the chunk is folded into the convolution's groups (a dense
+convolution when the chunk is one sample), or, for unpadded stride-1 1×1 kernels, one batched matrix product
+that reads channels_last input without copying it.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Elements of mixed kernels one chunk may hold (8 MiB of fp32): small enough for the last-level cache and
+# for the allocator to reuse the buffer between chunks instead of mapping fresh pages every call, large
+# enough that the experts are read only a few times per batch.
+FORWARD_CHUNK_ELEMENTS = 1 << 21
+# Backward reads the experts three times per chunk (mix, expert gradient, attention gradient), so it
+# takes larger chunks to amortise those reads; it keeps two buffers of this size (kernels, their gradients).
+BACKWARD_CHUNK_ELEMENTS = 1 << 23
+
+
+def chunk_size(batch: int, kernel_numel: int, budget: int) -> int:
+    """How many samples' mixed kernels fit in ``budget`` elements (at least 1, at most ``batch``)."""
+    return max(1, min(batch, budget // max(1, kernel_numel)))
+
+
+def _channels_last(x: Tensor) -> bool:
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return False
+
+
+def uses_matmul(weight: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int) -> bool:
+    """Unpadded, stride-1, ungrouped 1×1 kernels: the convolution is a batched matrix product."""
+    one = weight[0, 0, 0].numel() == 1
+    return one and groups == 1 and not any([p != 0 for p in padding]) and all([s == 1 for s in stride])
+
+
+def _memory_order(weight: Tensor) -> List[int]:
+    """The permutation of ``weight``'s dims 1.. that is contiguous (identity unless e.g. channels_last)."""
+    dims = list(range(1, weight.dim()))
+    if weight.is_contiguous():
+        return dims
+    order: List[int] = []
+    while len(dims) > 0:  # selection sort by decreasing stride (TorchScript has no sort with a key)
+        best = 0
+        for i in range(1, len(dims)):
+            if weight.stride(dims[i]) > weight.stride(dims[best]):
+                best = i
+        order.append(dims.pop(best))
+    return order
+
+
+def _flat_experts(weight: Tensor, order: List[int]) -> Tensor:
+    """``weight`` as ``(K, kernel numel)`` in memory order: a view, never a copy of the K kernels."""
+    return weight.permute([0] + order).reshape(weight.shape[0], -1)
+
+
+def _unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
+    """Rows of ``flat`` (memory order of ``weight``) back to ``(rows, *weight.shape[1:])``, same strides."""
+    permuted = flat.reshape([flat.shape[0]] + [weight.shape[d] for d in order])
+    inverse = [0] * weight.dim()
+    for i in range(len(order)):
+        inverse[order[i]] = i + 1
+    return permuted.permute(inverse)
+
+
+def _mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
+    return _unflatten(torch.mm(attention, flat), weight, order)
+
+
+def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: List[int], padding: List[int],
+                dilation: List[int], groups: int, matmul: bool) -> Tensor:
+    """``conv(x[i], mixed[i]) + mixed_bias[i]`` for every sample ``i`` of the chunk, in one call."""
+    chunk, out_channels, in_channels = x.shape[0], mixed.shape[1], x.shape[1]
+    spatial = list(x.shape[2:])
+    if matmul:
+        w = mixed.reshape(chunk, out_channels, in_channels)
+        cols = x.reshape(chunk, in_channels, -1)  # a view for contiguous and channels_last input
+        if _channels_last(x):
+            # (L, C_in) @ (C_in, C_out) per sample writes a channels_last output directly
+            if mixed_bias is None:
+                out = torch.bmm(cols.transpose(1, 2), w.transpose(1, 2))
+            else:
+                out = torch.baddbmm(mixed_bias.unsqueeze(1), cols.transpose(1, 2), w.transpose(1, 2))
+            return out.reshape([chunk] + spatial + [out_channels]).movedim(-1, 1)
+        if mixed_bias is None:
+            out = torch.bmm(w, cols)
+        else:
+            out = torch.baddbmm(mixed_bias.unsqueeze(2), w, cols)
+        return out.reshape([chunk, out_channels] + spatial)
+    b: Optional[Tensor] = None
+    if mixed_bias is not None:
+        b = mixed_bias.reshape(-1)
+    rank = x.dim() - 2
+    # reshape, not view: channels_last and other non-contiguous chunks must work (they are copied here)
+    out = torch.convolution(x.reshape([1, chunk * in_channels] + spatial),
+                            mixed.reshape([chunk * out_channels] + list(mixed.shape[2:])), b, stride, padding,
+                            dilation, False, [0] * rank, chunk * groups)
+    return out.reshape([chunk, out_channels] + list(out.shape[2:]))
+
+
+def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                    padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
+    """Per-sample convolution, ``chunk`` samples' mixed kernels at a time (plain autograd ops)."""
+    order = _memory_order(weight)
+    flat = _flat_experts(weight, order)
+    a = attention.to(flat.dtype)
+    matmul = uses_matmul(weight, stride, padding, dilation, groups)
+    batch = x.shape[0]
+    outs: List[Tensor] = []
+    for start in range(0, batch, chunk):
+        end = min(start + chunk, batch)
+        mixed = _mix(a[start:end], flat, weight, order)
+        mixed_bias: Optional[Tensor] = None
+        if bias is not None:
+            mixed_bias = torch.mm(a[start:end], bias)
+        outs.append(_conv_chunk(x[start:end], mixed, mixed_bias, stride, padding, dilation, groups, matmul))
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs, 0)
+
+
+class _ChunkedDynamicConv(torch.autograd.Function):
+    """Forward as :func:`chunked_forward`; backward recomputes each chunk's kernels instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
+        out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+        if out._is_view():
+            # A Function's output that is a view (our reshape of the convolution's result) may not be
+            # modified in place (e.g. by an in-place activation); the same memory without view
+            # bookkeeping may, and costs no copy.
+            owner = torch.empty(0, dtype=out.dtype, device=out.device)
+            out = owner.set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, weight, bias, attention = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
+        bias = bias if ctx.has_bias else None
+        order = _memory_order(weight)
+        flat = _flat_experts(weight, order)
+        a = attention.to(flat.dtype)
+        matmul = uses_matmul(weight, stride, padding, dilation, groups)
+        batch, rank = x.shape[0], x.dim() - 2
+        chunk = chunk_size(batch, flat.shape[1], BACKWARD_CHUNK_ELEMENTS)
+        grad_out = grad_out.to(x.dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_flat = torch.zeros_like(flat) if need_w else None
+        grad_a = torch.empty_like(a) if need_a else None
+        grad_bias = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        spatial_dims = list(range(2, grad_out.dim()))
+        for start in range(0, batch, chunk):
+            end = min(start + chunk, batch)
+            n = end - start
+            a_c, x_c, gy = a[start:end], x[start:end], grad_out[start:end]
+            mixed = _mix(a_c, flat, weight, order)
+            if matmul:
+                cols = x_c.reshape(n, x.shape[1], -1)
+                gy_cols = gy.reshape(n, gy.shape[1], -1)
+                grad_mixed = torch.bmm(gy_cols, cols.transpose(1, 2)) if (need_w or need_a) else None
+                if grad_x is not None:
+                    w = mixed.reshape(n, mixed.shape[1], mixed.shape[2])
+                    grad_x[start:end] = torch.bmm(w.transpose(1, 2), gy_cols).reshape(x_c.shape)
+            else:
+                in_channels, out_channels = x.shape[1], weight.shape[1]
+                gx, grad_mixed, _ = torch.ops.aten.convolution_backward(
+                    gy.reshape([1, n * out_channels] + list(gy.shape[2:])),
+                    x_c.reshape([1, n * in_channels] + list(x.shape[2:])),
+                    mixed.reshape([n * out_channels] + list(weight.shape[2:])),
+                    None, stride, padding, dilation, False, [0] * rank, n * groups,
+                    [grad_x is not None, need_w or need_a, False],
+                )
+                if grad_x is not None:
+                    grad_x[start:end] = gx.reshape(x_c.shape)
+            if grad_mixed is not None:
+                # per-sample kernel gradients -> experts: d/dW_k = sum_b a[b,k] dW_b; d/da[b,k] = <dW_b, W_k>
+                g = _flatten_like(grad_mixed.reshape(mixed.shape), order)
+                if grad_flat is not None:
+                    grad_flat.addmm_(a_c.t(), g)
+                if grad_a is not None:
+                    grad_a[start:end] = torch.mm(g, flat.t())
+            if bias is not None and (grad_bias is not None or grad_a is not None):
+                g_bias = gy.sum(spatial_dims).to(bias.dtype)
+                if grad_bias is not None:
+                    grad_bias.addmm_(a_c.t(), g_bias)
+                if grad_a is not None:
+                    grad_a[start:end] += torch.mm(g_bias, bias.t())
+        grad_weight = _unflatten(grad_flat, weight, order) if grad_flat is not None else None
+        if grad_a is not None:
+            grad_a = grad_a.to(attention.dtype)
+        return grad_x, grad_weight, grad_bias, grad_a, None, None, None, None, None
+
+
+def _flatten_like(t: Tensor, order: List[int]) -> Tensor:
+    """``(n, *kernel)`` to ``(n, numel)`` in the experts' memory order (a copy only if ``t``'s order differs)."""
+    return t.permute([0] + order).reshape(t.shape[0], -1)
+
+
+@torch.jit.unused
+def chunked_autograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                     padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
+    """:func:`chunked_forward` with memory-bounded backward (eager mode only: not scriptable or traceable)."""
+    device_type = x.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:
+        # autocast would not reach the ops that backward runs; cast once here so both run in its dtype
+        x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _ChunkedDynamicConv.apply(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+    return _ChunkedDynamicConv.apply(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+
+
+def conv_chunked(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """The ``"chunked"`` strategy (see the module docstring)."""
+    if not torch.jit.is_scripting():
+        return _conv_chunked_eager(x, weight, bias, attention, stride, padding, dilation, groups)
+    # TorchScript reads no module globals: the literal is FORWARD_CHUNK_ELEMENTS' default
+    chunk = chunk_size(x.shape[0], weight[0].numel(), 1 << 21)
+    return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+
+
+@torch.jit.unused
+def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                        padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    chunk = chunk_size(x.shape[0], weight[0].numel(), FORWARD_CHUNK_ELEMENTS)
+    if _needs_grad(x, weight, bias, attention) and not _tracing_or_compiling():
+        return chunked_autograd(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
+        x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype if autocast is on for this device type (``meta`` and the like have none)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _needs_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if bias is not None and bias.requires_grad:
+        return True
+    return x.requires_grad or weight.requires_grad or attention.requires_grad
+
+
+def _tracing_or_compiling() -> bool:
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    return torch.compiler.is_compiling()

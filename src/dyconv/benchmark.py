@@ -1,0 +1,387 @@
+"""Speed and training memory of dynamic convolution against static convolution.
+
+:func:`run_benchmark` measures, for a fixed list of layer shapes and for DY-ResNet-18 / DY-MobileNetV2 ×1.0
+against torchvision's static ``resnet18`` / ``mobilenet_v2``:
+
+- batch-1 inference at 224², batch-32 inference at 224², a batch-32 training step at 112²
+  (forward, loss, backward; for networks also an SGD step), each as a ratio of medians to static;
+- the peak memory of that training step as a ratio to static;
+- the same for :class:`NaiveDynamicConv2d`, the batch-as-groups implementation most public code copies.
+
+Method. The sides of a comparison run interleaved (static, dyconv, naive, static, ...), so a slow spell of a
+shared machine hits all of them alike, and each figure is the median over the repeats. The static side and
+the dyconv side each run in their faster memory format (contiguous or channels_last, chosen by a short
+calibration and reported); the naive side runs contiguous, as written by its authors. Peak training memory
+is read from PyTorch's own allocator events (``torch.profiler`` with ``profile_memory=True``, device CPU or
+CUDA alike): the running sum of every allocation and free during one training step, maximised; it counts
+the activations kept for backward, the temporaries and the gradients allocated by the step, not the
+parameters and optimizer state that exist before it. Layer rows train at half the listed spatial size,
+where the layer sits in a network fed 112² images.
+
+The DY networks are ``dyconv.convert(torchvision model, init="fresh")``: every convolution but the stem
+becomes a :class:`dyconv.DynamicConv2d` with the torchvision shapes (K = 4).
+
+Example:
+    >>> from dyconv.benchmark import LayerShape, run_benchmark
+    >>> rows = run_benchmark(layers=[LayerShape("tiny", 4, 4, 3, 8)], networks=[], batch_size=2, repeats=1,
+    ...                      verbose=False)
+    >>> sorted(rows[0])[:3]
+    ['b1_ratio', 'b1_static_ms', 'batch_ratio']
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import DynamicConv2d
+
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One convolution to benchmark: its ``nn.Conv2d`` arguments and the spatial size it sees at 224² input."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    size: int
+    groups: int = 1
+    stride: int = 1
+
+    def conv(self, layer_type: type = nn.Conv2d, **kwargs) -> nn.Module:
+        return layer_type(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                          self.kernel_size // 2, groups=self.groups, bias=False, **kwargs)
+
+
+# ResNet-18's 3x3 stages (56², 14², 7²) and MobileNetV2's depthwise and pointwise convolutions.
+LAYER_SHAPES = (
+    LayerShape("3x3 64->64 @56", 64, 64, 3, 56),
+    LayerShape("3x3 256->256 @14", 256, 256, 3, 14),
+    LayerShape("3x3 512->512 @7", 512, 512, 3, 7),
+    LayerShape("dw3x3 144 @56", 144, 144, 3, 56, groups=144),
+    LayerShape("dw3x3 576 @14", 576, 576, 3, 14, groups=576),
+    LayerShape("1x1 expand 24->144 @56", 24, 144, 1, 56),
+    LayerShape("1x1 project 144->24 @56", 144, 24, 1, 56),
+    LayerShape("1x1 expand 96->576 @14", 96, 576, 1, 14),
+    LayerShape("1x1 project 576->96 @14", 576, 96, 1, 14),
+)
+NETWORKS = ("resnet18", "mobilenet_v2")
+
+
+class NaiveDynamicConv2d(nn.Module):
+    """The dynamic convolution of most public code: one ``mm`` mixes the kernels, batch folded into groups.
+
+    Shares the parameters and the attention of ``layer`` (a :class:`dyconv.DynamicConv2d` with zero
+    padding mode), so it computes the same numbers; autograd keeps every sample's mixed kernel for
+    backward. Kept here only as the baseline the benchmark compares against.
+
+    Shape:
+        ``(B, C_in, H, W)`` → ``(B, C_out, H_out, W_out)``.
+    """
+
+    def __init__(self, layer: DynamicConv2d):
+        super().__init__()
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"NaiveDynamicConv2d needs padding_mode='zeros'. Received: {layer.padding_mode!r}")
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        batch, _, height, width = x.shape
+        attention = layer.attention(x)
+        k = layer.num_experts
+        weight = torch.mm(attention, layer.weight.reshape(k, -1))
+        weight = weight.reshape(batch * layer.out_channels, *layer.weight.shape[2:])
+        bias = torch.mm(attention, layer.bias).reshape(-1) if layer.bias is not None else None
+        pad = layer._padding_pairs
+        out = F.conv2d(x.reshape(1, -1, height, width), weight, bias, layer.stride, [pad[0], pad[2]],
+                       layer.dilation, layer.groups * batch)
+        return out.reshape(batch, layer.out_channels, *out.shape[2:])
+
+
+def naive_model(model: nn.Module) -> nn.Module:
+    """``model`` with every :class:`DynamicConv2d` wrapped in a :class:`NaiveDynamicConv2d` (in place)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, DynamicConv2d):
+                setattr(parent, name, NaiveDynamicConv2d(child))
+    return model
+
+
+def build_network(name: str) -> tuple[nn.Module, nn.Module]:
+    """``(static torchvision model, DY model)`` for ``name`` in :data:`NETWORKS`, freshly initialised."""
+    import torchvision
+
+    from .convert import convert
+
+    if name not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}. Received: {name!r}")
+    static = getattr(torchvision.models, name)(weights=None)
+    return static, convert(static, init="fresh")
+
+
+def peak_training_memory(step: Callable[[], object]) -> int:
+    """Peak bytes allocated above the starting level while ``step()`` runs (allocator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, the functions called in turn ``repeats`` times after ``warmup``."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _infer(model: nn.Module, x: Tensor) -> Callable[[], object]:
+    def run():
+        with torch.inference_mode():
+            model(x)
+
+    return run
+
+
+def _train(model: nn.Module, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
+           optimizer: torch.optim.Optimizer | None) -> Callable[[], object]:
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x)).backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    return run
+
+
+class _Side:
+    """One model of a comparison, with the memory format it runs in."""
+
+    def __init__(self, model: nn.Module, formats: Sequence[str]):
+        self.model = model
+        self.formats = list(formats)
+        self.format = self.formats[0]
+
+    def prepare(self, x: Tensor) -> Tensor:
+        self.model.to(memory_format=FORMATS[self.format])
+        return x.contiguous(memory_format=FORMATS[self.format])
+
+    def calibrate(self, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]], x: Tensor) -> None:
+        """Pick the faster memory format (best of two runs after a warm-up)."""
+        if len(self.formats) == 1:
+            return
+        best = None
+        for fmt in self.formats:
+            self.format = fmt
+            fn = make_fn(self.model, self.prepare(x))
+            fn()
+            t = min(_timed(fn), _timed(fn))
+            if best is None or t < best[0]:
+                best = (t, fmt)
+        self.format = best[1]
+
+
+def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Tensor,
+             loss_fn: Callable[[Tensor], Tensor], repeats: int, with_optimizer: bool) -> dict[str, dict[str, float]]:
+    """Medians (seconds) and peak memory (bytes) of every side for the three figures."""
+    out: dict[str, dict[str, float]] = {name: {} for name in sides}
+    for side in sides.values():
+        side.model.eval()
+        side.calibrate(_infer, inputs["batch"])
+    for figure in ("b1", "batch"):
+        fns = {name: _infer(side.model, side.prepare(inputs[figure])) for name, side in sides.items()}
+        for name, t in interleaved_medians(fns, repeats).items():
+            out[name][figure] = t
+    train_fns = {}
+    for name, side in sides.items():
+        side.model.train()
+        optimizer = torch.optim.SGD(side.model.parameters(), lr=1e-3, momentum=0.9) if with_optimizer else None
+        train_fns[name] = _train(side.model, side.prepare(train_input), loss_fn, optimizer)
+    for name, t in interleaved_medians(train_fns, repeats).items():
+        out[name]["train"] = t
+    for name, fn in train_fns.items():
+        out[name]["memory"] = float(peak_training_memory(fn))
+    return out
+
+
+def _rows(kind: str, name: str, measured: dict[str, dict[str, float]], sides: dict[str, _Side]) -> list[dict]:
+    static = measured["static"]
+    rows = []
+    for side_name in ("dyconv", "naive"):
+        if side_name not in measured:
+            continue
+        m = measured[side_name]
+        rows.append({
+            "kind": kind, "name": name, "implementation": side_name,
+            "format": sides[side_name].format, "static_format": sides["static"].format,
+            "b1_static_ms": round(static["b1"] * 1e3, 3), "b1_ratio": round(m["b1"] / static["b1"], 3),
+            "batch_static_ms": round(static["batch"] * 1e3, 3), "batch_ratio": round(m["batch"] / static["batch"], 3),
+            "train_static_ms": round(static["train"] * 1e3, 3), "train_ratio": round(m["train"] / static["train"], 3),
+            "memory_static_mb": round(static["memory"] / 2**20, 2),
+            "memory_ratio": round(m["memory"] / max(static["memory"], 1.0), 3),
+        })
+    return rows
+
+
+def benchmark_layer(shape: LayerShape, *, batch_size: int = 32, repeats: int = 5, naive: bool = True,
+                    num_experts: int = 4) -> list[dict]:
+    """Rows (dyconv and naive) for one layer shape against ``nn.Conv2d`` of the same shape."""
+    torch.manual_seed(0)
+    static = shape.conv()
+    dynamic = shape.conv(DynamicConv2d, num_experts=num_experts)
+    sides = {"static": _Side(static, FORMATS), "dyconv": _Side(dynamic, FORMATS)}
+    if naive:
+        sides["naive"] = _Side(NaiveDynamicConv2d(copy.deepcopy(dynamic)), ["contiguous"])
+    inputs = {"b1": torch.randn(1, shape.in_channels, shape.size, shape.size),
+              "batch": torch.randn(batch_size, shape.in_channels, shape.size, shape.size)}
+    half = max(1, shape.size // 2)
+    # the input needs its gradient too, as it would inside a network
+    train_input = torch.randn(batch_size, shape.in_channels, half, half, requires_grad=True)
+    measured = _measure(sides, inputs, train_input, lambda y: y.square().mean(), repeats, with_optimizer=False)
+    return _rows("layer", shape.name, measured, sides)
+
+
+def benchmark_network(name: str, *, batch_size: int = 32, image_size: int = 224, train_image_size: int = 112,
+                      repeats: int = 5, naive: bool = True) -> list[dict]:
+    """Rows (dyconv and naive) for one network of :data:`NETWORKS` against its static torchvision twin."""
+    torch.manual_seed(0)
+    static, dynamic = build_network(name)
+    sides = {"static": _Side(static, FORMATS), "dyconv": _Side(dynamic, FORMATS)}
+    if naive:
+        _, twin = build_network(name)
+        sides["naive"] = _Side(naive_model(twin), ["contiguous"])
+    inputs = {"b1": torch.randn(1, 3, image_size, image_size),
+              "batch": torch.randn(batch_size, 3, image_size, image_size)}
+    train_input = torch.randn(batch_size, 3, train_image_size, train_image_size)
+    labels = torch.randint(0, 1000, (batch_size,))
+    measured = _measure(sides, inputs, train_input, lambda y: F.cross_entropy(y, labels), repeats,
+                        with_optimizer=True)
+    return _rows("network", name, measured, sides)
+
+
+def network_training_memory(name: str, *, batch_size: int = 32, image_size: int = 112) -> dict[str, int]:
+    """Peak training-step memory in bytes of the static, dyconv and naive versions of network ``name``.
+
+    The same figure as the memory column of :func:`run_benchmark`, without the timings (contiguous format).
+    """
+    torch.manual_seed(0)
+    static, dynamic = build_network(name)
+    twin = naive_model(build_network(name)[1])
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    labels = torch.randint(0, 1000, (batch_size,))
+    peaks = {}
+    for side, model in (("static", static), ("dyconv", dynamic), ("naive", twin)):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        step = _train(model, x, lambda y: F.cross_entropy(y, labels), optimizer)
+        step()  # gradients and optimizer state exist before the measured step, as in training
+        peaks[side] = peak_training_memory(step)
+    return peaks
+
+
+COLUMNS = ("kind", "name", "implementation", "format", "static_format", "b1_static_ms", "b1_ratio",
+           "batch_static_ms", "batch_ratio", "train_static_ms", "train_ratio", "memory_static_mb", "memory_ratio")
+
+
+def format_table(rows: Sequence[dict], batch_size: int = 32) -> str:
+    """A Markdown table of benchmark rows (ratios to static; static medians in ms beside them)."""
+    head = ("| shape / network | impl. | batch 1 @224 | batch {b} @224 | train step b{b} @112 | train peak memory |"
+            .format(b=batch_size))
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['implementation']} ({r['format']}) | {r['b1_ratio']:.2f}× ({r['b1_static_ms']:.1f} ms) "
+            f"| {r['batch_ratio']:.2f}× ({r['batch_static_ms']:.0f} ms) | {r['train_ratio']:.2f}× "
+            f"({r['train_static_ms']:.0f} ms) | {r['memory_ratio']:.2f}× ({r['memory_static_mb']:.0f} MB) |")
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict], csv_path: str | None, json_path: str | None, meta: dict) -> None:
+    """Write ``rows`` to a CSV file and/or a JSON file (with ``meta``: threads, versions, options)."""
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "rows": list(rows)}, f, indent=1)
+
+
+def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Sequence[str] | None = None,
+                  batch_size: int = 32, image_size: int = 224, train_image_size: int = 112, repeats: int = 5,
+                  threads: int | None = 2, naive: bool = True, verbose: bool = True,
+                  csv_path: str | None = None, json_path: str | None = None) -> list[dict]:
+    """Run the layer and network benchmarks; print the table if ``verbose``; write CSV/JSON if paths are given.
+
+    Args:
+        layers: layer shapes (default :data:`LAYER_SHAPES`; ``[]`` for none).
+        networks: names from :data:`NETWORKS` (default both; ``[]`` for none).
+        batch_size: the batch of the batched inference and of the training step (32).
+        image_size, train_image_size: network input sizes for inference (224) and training (112).
+        repeats: timed runs per figure and side (medians are reported).
+        threads: ``torch.set_num_threads`` during the run (restored after); ``None`` leaves it.
+        naive: also measure :class:`NaiveDynamicConv2d`.
+
+    Returns:
+        One dict per (shape or network, implementation) with the keys of :data:`COLUMNS`.
+    """
+    layers = LAYER_SHAPES if layers is None else layers
+    networks = NETWORKS if networks is None else networks
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows: list[dict] = []
+    try:
+        for shape in layers:
+            rows += benchmark_layer(shape, batch_size=batch_size, repeats=repeats, naive=naive)
+            if verbose:
+                print(format_table(rows[-2 if naive else -1:], batch_size).split("\n", 2)[2], flush=True)
+        for name in networks:
+            rows += benchmark_network(name, batch_size=batch_size, image_size=image_size,
+                                      train_image_size=train_image_size, repeats=repeats, naive=naive)
+            if verbose:
+                print(format_table(rows[-2 if naive else -1:], batch_size).split("\n", 2)[2], flush=True)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if verbose:
+        print()
+        print(format_table(rows, batch_size))
+    meta = {"threads": threads, "batch_size": batch_size, "image_size": image_size,
+            "train_image_size": train_image_size, "repeats": repeats, "torch": torch.__version__,
+            "layers": [asdict(s) for s in layers], "networks": list(networks)}
+    write_results(rows, csv_path, json_path, meta)
+    return rows

@@ -1,0 +1,75 @@
+"""Smoke runs of the benchmark code (tiny shapes, one repeat; no timing thresholds) and its naive baseline."""
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+
+from dyconv import DynamicConv2d
+from dyconv.benchmark import (COLUMNS, LayerShape, NaiveDynamicConv2d, build_network, naive_model,
+                              peak_training_memory, run_benchmark)
+from dyconv.cli import main
+from reference import TOL, per_sample_reference
+
+
+def test_naive_baseline_computes_the_same_numbers():
+    layer = DynamicConv2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=torch.float64)
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(NaiveDynamicConv2d(layer)(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+def test_naive_model_wraps_every_dynamic_layer():
+    model = torch.nn.Sequential(DynamicConv2d(3, 4, 3), torch.nn.Sequential(DynamicConv2d(4, 4, 1)))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    naive = naive_model(copy.deepcopy(model))
+    assert isinstance(naive[0], NaiveDynamicConv2d) and isinstance(naive[1][0], NaiveDynamicConv2d)
+    torch.testing.assert_close(naive(x), expected, **TOL[torch.float32])
+
+
+def test_peak_memory_sees_cpu_allocations():
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = a * 2  # another 4 MiB live at the same time
+        del a, b
+
+    assert peak_training_memory(step) >= 8 << 20
+    assert peak_training_memory(lambda: None) < 1 << 20
+
+
+def test_layer_rows_and_files(tmp_path):
+    rows = run_benchmark(layers=[LayerShape("tiny 3x3", 4, 6, 3, 8), LayerShape("tiny 1x1", 4, 6, 1, 8)],
+                         networks=[], batch_size=2, repeats=1, verbose=False,
+                         csv_path=str(tmp_path / "b.csv"), json_path=str(tmp_path / "b.json"))
+    assert [(r["name"], r["implementation"]) for r in rows] == [
+        ("tiny 3x3", "dyconv"), ("tiny 3x3", "naive"), ("tiny 1x1", "dyconv"), ("tiny 1x1", "naive")]
+    for r in rows:
+        assert set(r) == set(COLUMNS)
+        assert all(r[k] > 0 for k in ("b1_ratio", "batch_ratio", "train_ratio", "memory_ratio"))
+        assert r["format"] in ("contiguous", "channels_last")
+    with open(tmp_path / "b.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["meta"]["batch_size"] == 2 and len(data["rows"]) == 4
+
+
+def test_network_pair_shapes():
+    static, dynamic = build_network("resnet18")
+    convs = [m for m in static.modules() if isinstance(m, torch.nn.Conv2d)]
+    dynamic_layers = [m for m in dynamic.modules() if isinstance(m, DynamicConv2d)]
+    assert len(dynamic_layers) == len(convs) - 1  # every convolution but the stem
+    assert isinstance(dynamic.conv1, torch.nn.Conv2d)
+    with pytest.raises(ValueError, match="'vgg'"):
+        build_network("vgg")
+
+
+@pytest.mark.slow
+def test_cli_network_smoke(tmp_path):
+    assert main(["bench", "--layers", "--networks", "resnet18", "mobilenet_v2", "--repeats", "1",
+                 "--batch-size", "2", "--image-size", "64", "--train-image-size", "32",
+                 "--csv", str(tmp_path / "n.csv"), "--json", ""]) == 0
+    with open(tmp_path / "n.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["resnet18", "resnet18", "mobilenet_v2", "mobilenet_v2"]
