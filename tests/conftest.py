@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# Keras tests run on the torch backend unless KERAS_BACKEND says otherwise (set before keras is imported).
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
 def pytest_addoption(parser):

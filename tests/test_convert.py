@@ -61,7 +61,7 @@ MODELS = {
     # depthwise 3x3 (stride 1 and 2) between 1x1 convolutions
     "tv_shufflenet_v2": (lambda: torchvision.models.shufflenet_v2_x0_5(weights=None), (2, 3, 32, 32), 55),
     # 3-D; its convolutions are Conv3DSimple, an nn.Conv3d subclass that keeps nn.Conv3d's forward
-    "tv_r3d_18": (lambda: torchvision.models.video.r3d_18(weights=None), (2, 3, 4, 16, 16), 19),
+    "tv_r3d_18": (lambda: torchvision.models.video.r3d_18(weights=None), (2, 3, 4, 16, 16), 19, 2),
     # tf_ models use timm's Conv2dSame (TF "SAME" padding from the input size) for strided convs: odd sizes on
     # purpose, so that the padding is asymmetric. 53 convolutions: stem, 2 in the first block, 3 in each of the 10
     # others, 2 in each of the 9 squeeze-excitation modules, the last 1x1 block, the head's 1x1
@@ -86,19 +86,20 @@ MODELS = {
 }
 FAST = ["tv_resnet18", "tv_shufflenet_v2", "tv_r3d_18", "timm_tf_mobilenetv3_small", "timm_resnet18_dilated",
         "conv1d_net"]
-PARAMS = [pytest.param(name, *spec, id=name, marks=() if name in FAST else pytest.mark.slow)
-          for name, spec in MODELS.items()]
+# r3d_18 is converted with K = 2 (the default K = 4 makes 133M parameters); exactness does not depend on K
+PARAMS = [pytest.param(name, *spec[:3], spec[3] if len(spec) > 3 else 4, id=name,
+                       marks=() if name in FAST else pytest.mark.slow) for name, spec in MODELS.items()]
 
 
-@pytest.mark.parametrize("name,build,shape,num_dynamic", PARAMS)
-def test_copy_conversion_is_exact(name, build, shape, num_dynamic):
+@pytest.mark.parametrize("name,build,shape,num_dynamic,num_experts", PARAMS)
+def test_copy_conversion_is_exact(name, build, shape, num_dynamic, num_experts):
     model = build().eval()
     before = snapshot(model)
     x = torch.randn(shape)
     with torch.no_grad():
         expected = model(x)
 
-    dy, report = dyconv.convert(model, return_report=True)
+    dy, report = dyconv.convert(model, num_experts=num_experts, return_report=True)
 
     # the original is untouched
     assert same_state(model, before)
@@ -114,14 +115,14 @@ def test_copy_conversion_is_exact(name, build, shape, num_dynamic):
     for conv_name, conv in convs[1:]:
         layer = dy_modules[conv_name]
         assert isinstance(layer, DYNAMIC[conv.weight.dim() - 3])
-        assert layer.weight.shape == (4, *conv.weight.shape)
+        assert layer.weight.shape == (num_experts, *conv.weight.shape)
         assert (layer.groups, tuple(layer.dilation), layer.padding_mode) == (conv.groups, conv.dilation,
                                                                             conv.padding_mode)
         assert (layer.bias is None) == (conv.bias is None)
         assert not layer.training
     assert report.params_before == sum(p.numel() for p in model.parameters())
     assert report.params_after == sum(p.numel() for p in dy.parameters())
-    assert dyconv.convert_report(model) == report
+    assert dyconv.convert_report(model, num_experts=num_experts) == report
 
     # eval: the same outputs
     with torch.no_grad():
@@ -142,7 +143,7 @@ def test_copy_conversion_is_exact(name, build, shape, num_dynamic):
                                   pytest.param("timm_tf_mobilenetv3_small", marks=pytest.mark.slow),
                                   pytest.param("timm_resnet18_dilated", marks=pytest.mark.slow)])
 def test_copy_conversion_is_exact_in_train_mode(name):
-    build, shape, _ = MODELS[name]
+    build, shape = MODELS[name][:2]
     # float64: the batch statistics of a batch of 2 at 1x1 resolution amplify float32 rounding a thousandfold
     model = build().double().train()
     dy = dyconv.convert(model)
@@ -197,7 +198,7 @@ class Custom(nn.Module):
         self.hooked.register_forward_hook(lambda module, inputs, output: output * 2)
         self.normed = parametrizations.weight_norm(nn.Conv2d(8, 8, 1))
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
-        self.plain = nn.Conv2d(8, 4, 1)
+        self.plain = nn.Conv2d(8, 4, (3, 2), padding="same", dilation=(2, 1))  # PyTorch "same", asymmetric
 
     def forward(self, x):
         x = self.stem(x)
@@ -385,3 +386,57 @@ def test_average_experts_is_the_mean_and_keeps_arguments():
     x = torch.randn(2, 4, 3, 9, 8)
     dyconv.set_temperature(model, 1e30)
     torch.testing.assert_close(model(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+# The registry's documented placement (dyconv/models/*.py docstrings): ResNets and the 1-D CNN: every conv but the
+# stem; MobileNetV2: the final 1x1 (320 -> 1280) stays static too; MobileNetV3: the squeeze-excitation 1x1s too.
+TWIN_EXCLUDE = {"resnet": None, "cnn1d": None, "mobilenetv2": "features.18", "mobilenetv3": "*.fc[12]"}
+FAST_TWINS = ("cnn1d", "resnet10", "mobilenetv2_050", "mobilenetv3_small_100")
+
+
+def static_registry_models():
+    return [pytest.param(n, id=n, marks=() if n in FAST_TWINS else pytest.mark.slow)
+            for n in dyconv.list_models() if not dyconv.model_info(n).dynamic]
+
+
+@pytest.mark.parametrize("name", static_registry_models())
+def test_converting_a_static_twin_gives_the_registry_dy_twin(name):
+    info = dyconv.model_info(name)
+    exclude = next(v for family, v in TWIN_EXCLUDE.items() if name.startswith(family))
+    options = dict(in_channels=info.input_size[1], num_classes=info.num_classes)
+    converted = dyconv.convert(dyconv.create_model(name, **options), exclude=exclude, num_experts=3, reduction=8)
+    twin = dyconv.create_model(info.twin, **options, num_experts=3, reduction=8)
+    types = {n: type(m) for n, m in converted.named_modules() if isinstance(m, (*STATIC, *DYNAMIC))}
+    assert types == {n: type(m) for n, m in twin.named_modules() if isinstance(m, (*STATIC, *DYNAMIC))}
+    assert any(t in DYNAMIC for t in types.values())
+    # same parameters and buffers, name by name and shape by shape: a DY twin's checkpoint loads into it
+    assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in twin.parameters())
+    converted.load_state_dict(twin.state_dict())
+    # and then computes what the twin computes
+    shape = info.input_size if len(info.input_size) != 4 else (2, 3, 32, 32)
+    x = torch.randn(2, *shape[1:])
+    with torch.no_grad():
+        assert rel_err(converted.eval()(x), twin.eval()(x)) < RTOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_conversion_keeps_the_device():
+    model = Conv1dNet().cuda().eval()
+    x = torch.randn(2, 2, 37, device="cuda")
+    dy = dyconv.convert(model)
+    assert all(p.is_cuda for p in dy.parameters()) and all(b.is_cuda for b in dy.buffers())
+    with torch.no_grad():
+        assert rel_err(dy(x), model(x)) < RTOL
+
+
+def test_report_text_and_dry_run_leave_the_model_alone():
+    model = Conv1dNet()
+    before = snapshot(model)
+    report = dyconv.convert_report(model, exclude="grouped")
+    assert same_state(model, before) and not any(isinstance(m, DYNAMIC) for m in model.modules())
+    assert report.converted == ["dilated", "even_same", "depthwise", "valid"]
+    assert report.skipped == {"stem": report.skipped["stem"], "grouped": "selected by exclude"}
+    text = str(report)
+    assert text.startswith("converted 4 convolution(s), skipped 2; parameters ")
+    assert "  skipped    grouped: selected by exclude" in text.splitlines()

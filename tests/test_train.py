@@ -154,3 +154,13 @@ def test_attention_statistics_of_uniform_and_one_hot():
     dyconv.set_temperature(model, 1.0)  # at the initial 30 the logit 100 would not yet be one-hot
     entry = attention_statistics(model, batches, num_classes=3)["layers"][0]
     assert entry["entropy"] == pytest.approx(0.0, abs=1e-6) and entry["mean"] == pytest.approx([0, 0, 1, 0])
+
+
+def test_uniform_attention_matches_average_experts_on_a_registry_model():
+    # Two independent implementations of "attention off": router hooks here, kernel averaging in dyconv.convert.
+    model = dyconv.create_model("dy_cnn1d", num_classes=10, in_channels=1).eval()
+    x = torch.randn(3, 1, 40)
+    with uniform_attention(model) as n:
+        assert n == 2
+        got = model(x)
+    assert torch.allclose(got, dyconv.average_experts(model)(x), atol=1e-5)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PADDING_STRINGS = ("same", "valid")
+#: Keras' padding strings. ``'same'`` follows TensorFlow for strided convolutions (the padding then
+#: depends on the input size) and ``'causal'`` (1-D only) pads ``dilation * (kernel_size - 1)`` before.
+KERAS_PADDING_STRINGS = ("same", "valid", "causal")
 
 #: Smallest hidden width of the attention branch. ``in_channels // reduction`` is 0 for an RGB
 #: stem (3 // 4); a two-layer attention needs a few hidden units to be more than a constant.
@@ -74,7 +77,7 @@ class ConvSpec:
     """Validated, normalised arguments of one dynamic convolution layer."""
 
     rank: int
-    in_channels: int
+    in_channels: int | None  # None until known (a Keras layer learns it in build())
     out_channels: int
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -88,6 +91,8 @@ class ConvSpec:
 
     @property
     def hidden(self) -> int:
+        if self.in_channels is None:
+            raise ValueError("The attention's hidden width needs in_channels. Received: in_channels=None")
         return attention_hidden(self.in_channels, self.reduction)
 
     def explicit_padding(self) -> tuple[tuple[int, int], ...]:
@@ -97,6 +102,8 @@ class ConvSpec:
         """
         if self.padding == "valid":
             return tuple((0, 0) for _ in range(self.rank))
+        if self.padding == "causal":
+            return tuple((d * (k - 1), 0) for k, d in zip(self.kernel_size, self.dilation))
         if self.padding == "same":
             pads = []
             for k, d in zip(self.kernel_size, self.dilation):
@@ -105,15 +112,37 @@ class ConvSpec:
             return tuple(pads)
         return tuple((p, p) for p in self.padding)
 
+    def padding_pairs(self, input_size: Sequence[int | None]) -> tuple[tuple[int, int], ...]:
+        """(before, after) zero-padding per spatial dimension for an input of this spatial size.
+
+        Equals :meth:`explicit_padding` except for ``'same'`` with a stride, which follows
+        TensorFlow: the output has ``ceil(n / stride)`` elements and the padding, odd element
+        after, depends on ``n`` (so ``n`` must be known there).
+        """
+        pairs = list(self.explicit_padding())
+        if self.padding == "same":
+            for i, (n, k, s, d) in enumerate(zip(input_size, self.kernel_size, self.stride, self.dilation)):
+                if s == 1:
+                    continue
+                if n is None:
+                    raise ValueError(
+                        f"padding='same' with strides > 1 needs a known input size in every strided "
+                        f"dimension. Received: input spatial size {tuple(input_size)}, strides={self.stride}"
+                    )
+                total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+                pairs[i] = (total // 2, total - total // 2)
+        return tuple(pairs)
+
     def output_size(self, input_size: Sequence[int | None]) -> tuple[int | None, ...]:
         """Spatial output size for a spatial input size (``None`` stays unknown)."""
         out = []
-        for n, (lo, hi), k, s, d in zip(
-            input_size, self.explicit_padding(), self.kernel_size, self.stride, self.dilation
-        ):
+        for i, (n, k, s, d) in enumerate(zip(input_size, self.kernel_size, self.stride, self.dilation)):
             if n is None:
                 out.append(None)
+            elif self.padding == "same":
+                out.append(-(-n // s))
             else:
+                lo, hi = self.explicit_padding()[i]
                 out.append((n + lo + hi - d * (k - 1) - 1) // s + 1)
         return tuple(out)
 
@@ -131,35 +160,55 @@ def conv_spec(
     num_experts=4,
     reduction=4,
     temperature=30.0,
+    *,
+    keras_padding: bool = False,
+    names: dict[str, str] | None = None,
 ) -> ConvSpec:
     """Validate and normalise the arguments of a ``rank``-D dynamic convolution.
 
     Raises ``ValueError``/``TypeError`` naming the bad value, e.g.
     ``ValueError: num_experts must be a positive integer. Received: num_experts=0``.
+
+    ``in_channels=None`` defers the channel checks (a Keras layer learns its input channels in
+    ``build``). ``keras_padding=True`` accepts Keras' padding strings: ``'same'`` with
+    strides (TensorFlow's rule, see :meth:`ConvSpec.padding_pairs`) and ``'causal'`` for 1-D.
+    ``names`` renames arguments in the messages, e.g. ``{"stride": "strides"}`` for Keras.
     """
+    names = names or {}
+
+    def name(key: str) -> str:
+        return names.get(key, key)
+
     if rank not in (1, 2, 3):
         raise ValueError(f"rank must be 1, 2 or 3. Received: rank={rank!r}")
-    in_channels = positive_int(in_channels, "in_channels")
-    out_channels = positive_int(out_channels, "out_channels")
+    if in_channels is not None:
+        in_channels = positive_int(in_channels, name("in_channels"))
+    out_channels = positive_int(out_channels, name("out_channels"))
     groups = positive_int(groups, "groups")
-    if in_channels % groups:
+    if in_channels is not None and in_channels % groups:
         raise ValueError(
-            f"in_channels must be divisible by groups. Received: in_channels={in_channels}, groups={groups}"
+            f"{name('in_channels')} must be divisible by groups. "
+            f"Received: {name('in_channels')}={in_channels}, groups={groups}"
         )
     if out_channels % groups:
         raise ValueError(
-            f"out_channels must be divisible by groups. Received: out_channels={out_channels}, groups={groups}"
+            f"{name('out_channels')} must be divisible by groups. "
+            f"Received: {name('out_channels')}={out_channels}, groups={groups}"
         )
     kernel_size = to_tuple(kernel_size, rank, "kernel_size", minimum=1)
-    stride = to_tuple(stride, rank, "stride", minimum=1)
-    dilation = to_tuple(dilation, rank, "dilation", minimum=1)
+    stride = to_tuple(stride, rank, name("stride"), minimum=1)
+    dilation = to_tuple(dilation, rank, name("dilation"), minimum=1)
+    padding_strings = KERAS_PADDING_STRINGS if keras_padding else PADDING_STRINGS
     if isinstance(padding, str):
-        if padding not in PADDING_STRINGS:
-            raise ValueError(f"padding must be 'same', 'valid', an int or a tuple. Received: padding={padding!r}")
-        if padding == "same" and any(s != 1 for s in stride):
+        if padding not in padding_strings:
+            choices = ", ".join(repr(p) for p in padding_strings)
+            raise ValueError(f"padding must be {choices}, an int or a tuple. Received: padding={padding!r}")
+        if padding == "same" and not keras_padding and any(s != 1 for s in stride):
             raise ValueError(
                 f"padding='same' is not supported for strided convolutions. Received: stride={stride}"
             )
+        if padding == "causal" and rank != 1:
+            raise ValueError(f"padding='causal' is only defined for 1-D convolutions. Received: rank={rank}")
     else:
         padding = to_tuple(padding, rank, "padding", minimum=0)
     if padding_mode not in PADDING_MODES:

@@ -228,11 +228,10 @@ def load_model(path: str | os.PathLike, *, create_model: Callable[..., nn.Module
     """
     directory, manifest = read_manifest(path)
     if create_model is None:
-        import dyconv
-
-        create_model = getattr(dyconv, "create_model", None)
-        if create_model is None:
-            raise CheckpointError("dyconv.create_model is not available in this installation; pass create_model=.")
+        try:
+            from .models import create_model
+        except ImportError as e:
+            raise CheckpointError("The model registry (dyconv.models) is not available; pass create_model=.") from e
     model = create_model(manifest["model"], **manifest.get("model_kwargs", {}))
     model.load_state_dict(load_state_dict(directory), strict=True)
     return model.to(map_location).eval()

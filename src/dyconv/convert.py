@@ -119,9 +119,9 @@ def _skip_reason(module: nn.Module) -> str | None:
         return "lazy convolution with uninitialised weight (run one forward pass first)"
     if parametrize.is_parametrized(module):
         return "parametrized weight (torch.nn.utils.parametrize); the dynamic layer would drop the parametrization"
-    if module._forward_hooks or module._forward_pre_hooks:
-        return ("has forward hooks (e.g. weight_norm/spectral_norm or user hooks) that the dynamic layer would "
-                "not reproduce")
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return ("has hooks (e.g. the old weight_norm/spectral_norm, or user hooks) that the dynamic layer would not "
+                "reproduce")
     if cls is _timm_conv2d_same():
         return None
     if cls.forward is not base.forward or cls._conv_forward is not base._conv_forward:
@@ -139,7 +139,8 @@ def _as_matcher(selector: Selector, argument: str, model: nn.Module) -> Callable
         patterns = list(selector)
         bad = [p for p in patterns if not isinstance(p, str)]
         if bad:
-            raise TypeError(f"{argument} must hold module names or glob patterns (str). Received: {argument}={selector!r}")
+            raise TypeError(f"{argument} must hold module names or glob patterns (str). "
+                            f"Received: {argument}={selector!r}")
     else:
         raise TypeError(
             f"{argument} must be a module name, a glob pattern, a list of them or a predicate (name, module) -> bool. "
@@ -195,7 +196,8 @@ def _plan(model: nn.Module, include: Selector, exclude: Selector, convert_stem: 
             continue
         base = _static_base(module)
         if base is None:
-            skipped[name] = f"{type(module).__name__} is not an nn.Conv1d/2d/3d (transposed convolutions are not converted)"
+            skipped[name] = (f"{type(module).__name__} is not an nn.Conv1d/2d/3d (transposed convolutions are not "
+                             "converted)")
             continue
         is_stem = not stem_seen
         stem_seen = True

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .functional import apply_padding
@@ -75,11 +75,17 @@ def count_madds(fn: Callable[[], object]) -> int:
     return counter.get_total_flops() // 2
 
 
-def _static_equivalent(layer: nn.Module, x: Tensor) -> Tensor:
-    """The convolution a dynamic layer computes, with one kernel, for counting its MAdds."""
-    x, padding = apply_padding(x, layer._padding_pairs, layer.padding_mode)
+def _static_equivalent_madds(layer: nn.Module, input_shape: Sequence[int]) -> int:
+    """MAdds of the one-kernel convolution a dynamic layer computes, counted on shape-only (meta) tensors."""
+    x = torch.empty(input_shape, device="meta")
+    weight = torch.empty(layer.weight.shape[1:], device="meta")
     conv = getattr(F, f"conv{layer._rank}d")
-    return conv(x, layer.weight[0], None, layer.stride, padding, layer.dilation, layer.groups)
+
+    def run():
+        padded, padding = apply_padding(x, layer._padding_pairs, layer.padding_mode)
+        conv(padded, weight, None, layer.stride, padding, layer.dilation, layer.groups)
+
+    return count_madds(run)
 
 
 def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
@@ -87,7 +93,13 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
 
     The papers' MAdds are per image, so profile at batch 1 (``input_size=(1, 3, 224, 224)``); at batch B
     every MAdds figure is B times larger. The model's train/eval flags are restored afterwards. The input is
-    created with the dtype and on the device of the model's first parameter.
+    created with the dtype and on the device of the model's first parameter (a model built on the ``meta``
+    device is counted without allocating anything).
+
+    How the overhead is separated: one forward pass runs under ``FlopCounterMode``, which also reports the
+    operations of every submodule. For each dynamic layer, its attention branch (``router``) is the attention
+    cost; the layer's total minus the attention and minus the one-kernel convolution of the same shape
+    (counted on its own) is the mixing cost.
 
     Args:
         model: any ``nn.Module`` taking one tensor.
@@ -110,35 +122,47 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
     factory = {"dtype": first.dtype, "device": first.device} if first is not None else {}
     x = torch.zeros(size, **factory)
 
-    layers = [m for m in model.modules() if isinstance(m, DYNAMIC_CONV_TYPES)]
-    inputs: dict[int, list[Tensor]] = {id(m): [] for m in layers}
-    hooks = [m.register_forward_pre_hook(lambda m, args: inputs[id(m)].append(args[0])) for m in layers]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, DYNAMIC_CONV_TYPES)]
+    shapes: dict[int, list[tuple[int, ...]]] = {id(m): [] for _, m in layers}
+
+    def record(module, args):
+        inp = args[0]
+        shapes[id(module)].append(tuple(inp.shape) if inp.dim() == module._rank + 2 else (1, *inp.shape))
+
+    hooks = [m.register_forward_pre_hook(record) for _, m in layers]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
-            madds = count_madds(lambda: model(x))
-            for hook in hooks:  # the layers run again below, on their recorded inputs
-                hook.remove()
-            attention = layer_total = conv = 0
-            for m in layers:
-                for inp in inputs[id(m)]:
-                    batched = inp if inp.dim() == m._rank + 2 else inp.unsqueeze(0)
-                    layer_total += count_madds(lambda: m(batched))
-                    attention += count_madds(lambda: m.router(batched))
-                    conv += count_madds(lambda: _static_equivalent(m, batched))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()
         for m, training in modes:
             m.training = training
+    by_module = counter.get_flop_counts()
+    root = type(model).__name__
+
+    def module_madds(name: str) -> int:
+        return sum(by_module.get(f"{root}.{name}" if name else root, {}).values()) // 2
+
+    attention = mixing = 0
+    for name, m in layers:
+        if not shapes[id(m)]:
+            continue  # not called in this forward pass
+        total = module_madds(name)
+        if total == 0:
+            raise RuntimeError(f"FlopCounterMode reported nothing for the dynamic layer {name!r}; this version of "
+                               "PyTorch names modules differently, so the overhead cannot be separated")
+        routed = module_madds(f"{name}.router" if name else "router")
+        attention += routed
+        mixing += total - routed - sum(_static_equivalent_madds(m, shape) for shape in shapes[id(m)])
     return Profile(
         input_size=size,
         params=sum(p.numel() for p in model.parameters()),
-        madds=madds,
+        madds=counter.get_total_flops() // 2,
         dynamic_layers=len(layers),
-        attention_params=sum(p.numel() for m in layers for p in m.router.parameters()),
+        attention_params=sum(p.numel() for _, m in layers for p in m.router.parameters()),
         attention_madds=attention,
-        mixing_madds=layer_total - attention - conv,
+        mixing_madds=mixing,
     )
-

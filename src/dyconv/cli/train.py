@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--amp-dtype", choices=("bfloat16", "float16"), default=S)
     p("--device", default=S, help="auto (default), cpu, cuda, cuda:1, ...")
     p("--num-workers", type=int, default=S, help="data loader workers; default 0")
+    p("--threads", type=int, default=S, help="torch intra-op threads; 1 is fastest on a CPU shared with other jobs")
     p("--sync-bn", action="store_true", default=S, help="synchronise BatchNorm statistics across processes")
     p("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
     p("--no-test", dest="eval_test", action="store_false", default=S, help="skip the final test evaluation")
@@ -64,7 +65,9 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from dyconv.train import fit
 
+    import os
+
     results = fit(config_from_args(args))
-    if "test_acc" in results:
+    if "test_acc" in results and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
         print(f"test top-1 {100 * results['test_acc']:.2f}%  loss {results['test_loss']:.4f}  -> {results['output']}")
     return 0

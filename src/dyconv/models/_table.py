@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..profile import Profile, profile
 from ._registry import ModelInfo, create_model, list_models, model_info
 
@@ -21,15 +23,19 @@ def model_table(pattern: str = "*") -> list[ModelRow]:
 
     The reference configuration is the registry's ``input_size`` (batch 1; 3×224×224 for the ImageNet
     models, 1×40 for the MNIST-1D pair) and ``num_classes``, default options otherwise (K = 4, reduction 4).
+    The models are built on PyTorch's ``meta`` device: the counts depend only on shapes, and nothing is
+    allocated or initialised (``tests/test_profile.py`` checks that meta and CPU give the same profile).
 
     Example:
         >>> [row.profile.params for row in model_table("resnet10")]
         [5418792]
     """
     rows = []
-    for name in list_models(pattern):
+    # each static model followed by its dynamic twin
+    for name in sorted(list_models(pattern), key=lambda n: (n.removeprefix("dy_"), n.startswith("dy_"))):
         info = model_info(name)
-        model = create_model(name, num_classes=info.num_classes, in_channels=info.input_size[1])
+        with torch.device("meta"):
+            model = create_model(name, num_classes=info.num_classes, in_channels=info.input_size[1])
         rows.append(ModelRow(info, profile(model, info.input_size)))
     return rows
 
@@ -50,7 +56,7 @@ def _delta(ours: int, paper: int | None) -> str:
 def format_table(rows: list[ModelRow]) -> str:
     """The rows as a Markdown table: params and MAdds, the paper's figures and our difference to them."""
     header = ("| model | input | params | paper | Δ | MAdds | paper | Δ | DY overhead MAdds (attention + mixing) "
-              "| paper top-1 |")
+              "| paper top-1 % |")
     lines = [header, "|" + "---|" * 10]
     for row in rows:
         p, paper = row.profile, row.info.paper

@@ -92,10 +92,10 @@ class MobileNetV2(nn.Module):
         first_downsample = True
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             out_channels = make_divisible(c * width_mult)
-            if s == 2 and small_input and first_downsample:
-                s = 1
-            if s == 2:
+            if s == 2 and first_downsample:
                 first_downsample = False
+                if small_input:
+                    s = 1
             for i in range(n):
                 features.append(InvertedResidual(channels, out_channels, s if i == 0 else 1, t,
                                                  conv_layer=conv_layer))

@@ -144,10 +144,10 @@ class MobileNetV3(nn.Module):
         ]
         first_downsample = True
         for cin, k, exp, cout, se, act, s in setting:
-            if s == 2 and small_input and first_downsample:
-                s = 1
-            if s == 2:
+            if s == 2 and first_downsample:
                 first_downsample = False
+                if small_input:
+                    s = 1
             features.append(InvertedResidual(cin, k, exp, cout, se, act, s, conv_layer=conv_layer))
         final_in = setting[-1][3]
         features.append(ConvNormAct(final_in, 6 * final_in, 1, conv_layer=conv_layer, norm_layer=_norm,

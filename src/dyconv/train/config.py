@@ -51,6 +51,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"  # bfloat16 or float16 (float16 only on CUDA, with gradient scaling)
     device: str = "auto"  # auto: CUDA (this process's local rank) when available, else CPU
     num_workers: int = 0
+    threads: int | None = None  # torch intra-op threads (None: PyTorch's default); 1 is fastest on a busy CPU
     sync_bn: bool = False
     progress: bool = True
     eval_test: bool = True  # evaluate on the test split after the last epoch

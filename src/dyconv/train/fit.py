@@ -36,16 +36,16 @@ from .config import TrainConfig, parse_temperature, save_config
 from .optim import build_optimizer, warmup_cosine
 
 # Options that may differ between an interrupted run and its resumption without changing the result.
-RUN_CONTROL = {"resume", "stop_after", "progress", "device", "num_workers", "data_dir", "output", "download"}
+RUN_CONTROL = {"resume", "stop_after", "progress", "device", "num_workers", "data_dir", "output", "download",
+               "threads"}
 
 
 def _default_create_model() -> Callable[..., nn.Module]:
-    import dyconv
-
-    create = getattr(dyconv, "create_model", None)
-    if create is None:
-        raise RuntimeError("dyconv.create_model is not available in this installation; pass create_model=.")
-    return create
+    try:
+        from ..models import create_model
+    except ImportError as e:
+        raise RuntimeError("The model registry (dyconv.models) is not available; pass create_model=.") from e
+    return create_model
 
 
 def model_kwargs_for(config: TrainConfig, data: DataSplits) -> dict[str, Any]:
@@ -176,6 +176,8 @@ def fit(config: TrainConfig | None = None, *, create_model: Callable[..., nn.Mod
     if not config.model:
         raise ValueError("No model given. Received: model=''")
     create_model = create_model or _default_create_model()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     info, device = distributed.init_distributed(config.device)
     try:
         return _fit(config, create_model, info, device)
