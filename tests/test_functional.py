@@ -77,6 +77,53 @@ def test_auto_picks_chunked_in_eager_mode():
     assert select_strategy(torch.zeros(4, 8, 5, 5), w1, [0, 0], 1) == "chunked"
 
 
+def test_auto_picks_experts_for_tiny_ungrouped_outputs():
+    w = torch.zeros(4, 8, 8, 3, 3)
+    one = [1, 1]
+    # 2x2 output: 4 positions <= UNFOLD_EXPERTS_MAX_POSITIONS
+    assert select_strategy(torch.zeros(4, 8, 2, 2), w, [1, 1], 1, one, one) == "unfold_experts"
+    # 3x3 output: 9 x (K - 1) = 27 <= 48
+    assert select_strategy(torch.zeros(4, 8, 3, 3), w, [1, 1], 1, one, one) == "experts"
+    # ... unless the input is wide
+    wide = torch.zeros(4, 8, 256, 3, 3)
+    assert select_strategy(torch.zeros(4, 256, 3, 3), wide, [1, 1], 1, one, one) == "unfold_experts"
+    # 5x5 output: 75 > 48
+    assert select_strategy(torch.zeros(4, 8, 5, 5), w, [1, 1], 1, one, one) == "chunked"
+    # stride 2 brings 4x4 down to 2x2
+    assert select_strategy(torch.zeros(4, 8, 4, 4), w, [1, 1], 1, [2, 2], one) == "unfold_experts"
+    # grouped, batch 1 and K = 1 stay chunked (aggregate-then-convolve reads each kernel once)
+    wg = torch.zeros(4, 8, 4, 3, 3)
+    assert select_strategy(torch.zeros(4, 8, 1, 1), wg, [1, 1], 2, one, one) == "chunked"
+    assert select_strategy(torch.zeros(1, 8, 1, 1), w, [1, 1], 1, one, one) == "chunked"
+    assert select_strategy(torch.zeros(4, 8, 1, 1), w[:1], [1, 1], 1, one, one) == "chunked"
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_output_positions_match_the_convolution(rank, case):
+    from dyconv.functional import output_positions
+
+    layer = LAYER[rank](4, 8, **case, num_experts=2)
+    x = torch.randn(2, 4, *SPATIAL[rank])
+    x_pad, conv_padding = apply_padding(x, layer._padding_pairs, layer.padding_mode)
+    out = run(layer, x, "loop")
+    assert output_positions(x_pad, layer.weight, layer.stride, conv_padding, layer.dilation) == out[0, 0].numel()
+
+
+def test_layer_on_tiny_outputs_uses_experts_and_matches_reference():
+    for size, expected in ((3, "unfold_experts"), (5, "experts")):
+        layer = DynamicConv2d(8, 16, 3, padding=1, stride=2, num_experts=4, dtype=torch.float64)
+        x = torch.randn(3, 8, size, size, dtype=torch.float64, requires_grad=True)
+        assert select_strategy(x, layer.weight, [1, 1], 1, layer.stride, layer.dilation) == expected
+        out = layer(x)
+        torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+        params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+        grads = torch.autograd.grad(out.sin().sum(), params)
+        ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
 def test_padding_is_left_to_the_conv_when_it_can():
     x = torch.randn(1, 2, 5, 5)
     same, conv_pad = apply_padding(x, [1, 1, 2, 2], "zeros")
@@ -116,6 +163,79 @@ def test_chunked_over_several_chunks_matches_reference(tiny_chunks, rank, case):
     ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    """One-sample chunks and an expert-tile budget so small that the output channels split into tiles."""
+    monkeypatch.setattr(_chunked, "chunk_size", lambda batch, kernel_numel, budget: 1)
+    monkeypatch.setattr(_chunked, "EXPERT_TILE_ELEMENTS", 50)
+    calls = []
+    real = _chunked._tiled_forward
+    monkeypatch.setattr(_chunked, "_tiled_forward", lambda *args: calls.append(args[-3]) or real(*args))
+    return calls
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_output_tiles_match_reference(tiled, rank, case, grad):
+    layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
+    x = torch.randn(5, 4, *SPATIAL[rank], dtype=torch.float64, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = run(layer, x, "chunked")
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    # 3 experts x 8 x 4 x taps >= 96 > 50 elements: ungrouped layers must have been tiled, grouped ones not
+    assert (len(tiled) > 0) == (layer.groups == 1)
+    assert all(t > 1 for t in tiled)
+    if grad:
+        params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+        grads = torch.autograd.grad(out.sin().sum(), params)
+        ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+def test_output_tiles_only_for_large_ungrouped_kernels_and_several_samples():
+    w = torch.zeros(4, 512, 512, 3, 3)
+    order = [1, 2, 3, 4]
+    assert _chunked.output_tiles(w, 1, 32, 1, order, 1 << 21) == 5  # 9.4M expert elements / 2M per tile
+    assert _chunked.output_tiles(w, 1, 1, 1, order, 1 << 21) == 1  # batch 1: each expert is read once anyway
+    assert _chunked.output_tiles(w, 1, 32, 2, order, 1 << 21) == 1  # multi-sample chunks share the reads
+    assert _chunked.output_tiles(w, 2, 32, 1, order, 1 << 21) == 1  # grouped
+    assert _chunked.output_tiles(torch.zeros(4, 64, 64, 3, 3), 1, 32, 1, order, 1 << 21) == 1  # fits
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_workspace_reuse_keeps_results_independent(kernel_size):
+    """Inference mixes into a reused buffer: outputs of earlier calls must not change, later calls must be right."""
+    layer = DynamicConv2d(6, 8, kernel_size, padding=kernel_size // 2, num_experts=3).eval()
+    xs = [torch.randn(b, 6, 7, 7) for b in (1, 4, 2)]
+    with torch.no_grad():
+        outs = [layer(x) for x in xs]
+        kept = [o.clone() for o in outs]
+        again = [layer(x) for x in xs]
+    for x, o, k, a in zip(xs, outs, kept, again):
+        torch.testing.assert_close(o, k, rtol=0, atol=0)
+        torch.testing.assert_close(a, o, rtol=0, atol=0)
+        torch.testing.assert_close(o.double(), per_sample_reference(layer.double(), x.double()), rtol=1e-4,
+                                   atol=1e-4)
+        layer.float()
+    buf = _chunked.workspace(1, torch.zeros(1))
+    assert all(o.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr() for o in outs)
+
+
+def test_workspace_is_per_thread_and_cpu_only():
+    import threading
+
+    main = _chunked.workspace(10, torch.zeros(1))
+    other = []
+    t = threading.Thread(target=lambda: other.append(_chunked.workspace(10, torch.zeros(1))))
+    t.start()
+    t.join()
+    assert main.data_ptr() != other[0].data_ptr()
+    assert _chunked.workspace(10, torch.zeros(1)).data_ptr() == main.data_ptr()  # reused
+    assert _chunked.workspace(10, torch.zeros(1, device="meta")) is None
 
 
 @pytest.mark.parametrize("kernel_size,bias", [(3, True), (1, False), (1, True)])

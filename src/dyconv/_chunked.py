@@ -11,11 +11,22 @@ before the next chunk. Live memory per layer is O(chunk × kernel size), whateve
 Per chunk the convolution is one call: the chunk is folded into the convolution's groups (a dense
 convolution when the chunk is one sample), or, for unpadded stride-1 1×1 kernels, one batched matrix product
 that reads channels_last input without copying it.
+
+Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows both):
+
+* A convolution whose kernel lies in freshly allocated memory is much slower than one whose kernel lies in
+  memory the process has used before (3x3 512→512 at 7², batch 1, one thread: 26 ms against 7 ms), so the
+  mixed kernels are written with ``torch.mm(..., out=)`` into a reused per-thread workspace on the CPU. The
+  workspace never escapes: each chunk's convolution has consumed it before the next chunk is mixed.
+* When one sample's kernel is larger than a chunk (deep 3×3 layers), mixing sample by sample re-reads all K
+  experts from memory for every sample. Then the output channels are tiled so that the K experts of one
+  tile stay in the cache while every sample's kernel for that tile is mixed and convolved.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import threading
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +38,37 @@ FORWARD_CHUNK_ELEMENTS = 1 << 21
 # Backward reads the experts three times per chunk (mix, expert gradient, attention gradient), so it
 # takes larger chunks to amortise those reads; it keeps two buffers of this size (kernels, their gradients).
 BACKWARD_CHUNK_ELEMENTS = 1 << 23
+# Elements of the K experts that one output-channel tile may hold, so that they stay in the last-level cache
+# while every sample's kernel for the tile is mixed (used when one sample's kernel exceeds a chunk).
+EXPERT_TILE_ELEMENTS = 1 << 21
+
+_workspaces = threading.local()
+
+
+@torch.jit.unused
+def workspace(numel: int, like: Tensor, slot: int = 0) -> Optional[Tensor]:
+    """A reused flat buffer of ``numel`` elements for mixed kernels (CPU only; ``None`` elsewhere).
+
+    One buffer per thread, device, dtype and ``slot``; it grows to the largest request and is never handed
+    out twice at once within a slot. Callers must be done with it before asking for the same slot again.
+    """
+    if like.device.type != "cpu":
+        return None  # the CUDA caching allocator already reuses memory
+    cache: Optional[Dict[Tuple[str, torch.dtype, int], Tensor]] = getattr(_workspaces, "cache", None)
+    if cache is None:
+        cache = {}
+        _workspaces.cache = cache
+    key = (str(like.device), like.dtype, slot)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        cache[key] = buf
+    return buf[:numel]
+
+
+def clear_workspaces() -> None:
+    """Free this thread's mixing workspaces (they are otherwise kept for reuse)."""
+    _workspaces.cache = {}
 
 
 def chunk_size(batch: int, kernel_numel: int, budget: int) -> int:
@@ -77,8 +119,11 @@ def _unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
     return permuted.permute(inverse)
 
 
-def _mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
-    return _unflatten(torch.mm(attention, flat), weight, order)
+def _mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: Optional[Tensor] = None) -> Tensor:
+    if buf is None:
+        return _unflatten(torch.mm(attention, flat), weight, order)
+    out = buf[: attention.shape[0] * flat.shape[1]].view(attention.shape[0], flat.shape[1])
+    return _unflatten(torch.mm(attention, flat, out=out), weight, order)
 
 
 def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: List[int], padding: List[int],
@@ -113,17 +158,26 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
 
 
 def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
-                    padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
-    """Per-sample convolution, ``chunk`` samples' mixed kernels at a time (plain autograd ops)."""
+                    padding: List[int], dilation: List[int], groups: int, chunk: int,
+                    buf: Optional[Tensor] = None, tile_elements: int = 1 << 21) -> Tensor:
+    """Per-sample convolution, ``chunk`` samples' mixed kernels at a time.
+
+    ``buf``: a scratch buffer of at least ``chunk × kernel numel`` elements to mix into (only where no
+    gradient flows through the mixing: it is overwritten chunk after chunk); ``None`` allocates.
+    ``tile_elements``: :data:`EXPERT_TILE_ELEMENTS` (an argument because TorchScript reads no globals).
+    """
     order = _memory_order(weight)
     flat = _flat_experts(weight, order)
     a = attention.to(flat.dtype)
     matmul = uses_matmul(weight, stride, padding, dilation, groups)
     batch = x.shape[0]
+    tiles = output_tiles(weight, groups, batch, chunk, order, tile_elements)
+    if tiles > 1:
+        return _tiled_forward(x, weight, bias, a, stride, padding, dilation, tiles, matmul, buf)
     outs: List[Tensor] = []
     for start in range(0, batch, chunk):
         end = min(start + chunk, batch)
-        mixed = _mix(a[start:end], flat, weight, order)
+        mixed = _mix(a[start:end], flat, weight, order, buf)
         mixed_bias: Optional[Tensor] = None
         if bias is not None:
             mixed_bias = torch.mm(a[start:end], bias)
@@ -131,6 +185,46 @@ def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention
     if len(outs) == 1:
         return outs[0]
     return torch.cat(outs, 0)
+
+
+def output_tiles(weight: Tensor, groups: int, batch: int, chunk: int, order: List[int], tile_elements: int) -> int:
+    """How many output-channel tiles :func:`chunked_forward` uses (1: none).
+
+    Tiles only pay when chunks are single samples of several (each sample would re-read all K experts) and
+    the K experts exceed ``tile_elements``; only ungrouped, contiguous-order kernels are tiled.
+    """
+    if chunk != 1 or batch == 1 or groups != 1 or order[0] != 1:
+        return 1
+    experts = weight.numel()
+    if experts <= tile_elements:
+        return 1
+    tiles = (experts + tile_elements - 1) // tile_elements
+    return min(tiles, weight.shape[1])
+
+
+def _tiled_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, stride: List[int],
+                   padding: List[int], dilation: List[int], tiles: int, matmul: bool, buf: Optional[Tensor]) -> Tensor:
+    """Output-channel tiles outer, samples inner: each tile's K experts are read from memory once."""
+    out_channels = weight.shape[1]
+    step = (out_channels + tiles - 1) // tiles
+    batch = x.shape[0]
+    pieces: List[Tensor] = []
+    for c0 in range(0, out_channels, step):
+        c1 = min(c0 + step, out_channels)
+        w_t = weight[:, c0:c1]
+        flat_t = w_t.reshape(weight.shape[0], -1)  # a view: the kernel is contiguous in its output channels
+        b_t: Optional[Tensor] = None
+        if bias is not None:
+            b_t = torch.mm(a, bias[:, c0:c1])
+        outs: List[Tensor] = []
+        for i in range(batch):
+            mixed = _mix(a[i : i + 1], flat_t, w_t, list(range(1, weight.dim())), buf)
+            bi: Optional[Tensor] = None
+            if b_t is not None:
+                bi = b_t[i : i + 1]
+            outs.append(_conv_chunk(x[i : i + 1], mixed, bi, stride, padding, dilation, 1, matmul))
+        pieces.append(torch.cat(outs, 0))
+    return torch.cat(pieces, 1)
 
 
 class _ChunkedDynamicConv(torch.autograd.Function):
@@ -142,7 +236,9 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
-        out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+        buf = workspace(chunk * weight[0].numel(), weight)
+        out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
+                              EXPERT_TILE_ELEMENTS)
         if out._is_view():
             # A Function's output that is a view (our reshape of the convolution's result) may not be
             # modified in place (e.g. by an in-place activation); the same memory without view
@@ -164,6 +260,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         matmul = uses_matmul(weight, stride, padding, dilation, groups)
         batch, rank = x.shape[0], x.dim() - 2
         chunk = chunk_size(batch, flat.shape[1], BACKWARD_CHUNK_ELEMENTS)
+        buf = workspace(chunk * flat.shape[1], flat, 1)
         grad_out = grad_out.to(x.dtype)
         grad_x = torch.empty_like(x) if need_x else None
         grad_flat = torch.zeros_like(flat) if need_w else None
@@ -174,7 +271,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
             end = min(start + chunk, batch)
             n = end - start
             a_c, x_c, gy = a[start:end], x[start:end], grad_out[start:end]
-            mixed = _mix(a_c, flat, weight, order)
+            mixed = _mix(a_c, flat, weight, order, buf)
             if matmul:
                 cols = x_c.reshape(n, x.shape[1], -1)
                 gy_cols = gy.reshape(n, gy.shape[1], -1)
@@ -252,7 +349,11 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     if dtype is not None:
         x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
+    buf: Optional[Tensor] = None
+    if not _needs_grad(x, weight, bias, attention):
+        buf = workspace(chunk * weight[0].numel(), weight)
+    return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
+                           EXPERT_TILE_ELEMENTS)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -22,6 +22,9 @@ Strategies (all give the same numbers up to floating-point rounding):
 ``"experts"``
     Convolve with all K kernels at once, then mix the K outputs (K× the FLOPs; cheap for
     depthwise layers). Also free of batch-size constants.
+``"unfold_experts"``
+    Patches as in ``"unfold"``, then all K kernels in one matrix product, outputs mixed per sample (K× the
+    FLOPs as matrix products; for tiny outputs, where the convolution's own kernels are slow).
 ``"chunked"``
     Batch-as-groups over chunks of the batch whose mixed kernels fit a fixed budget (a batched matrix
     product for unpadded stride-1 1×1 kernels). With gradients, a custom autograd function recomputes the
@@ -42,7 +45,7 @@ from torch import Tensor
 
 from ._chunked import conv_chunked
 
-STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "chunked")
+STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
 BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
 
@@ -197,21 +200,87 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
     return _add_bias(out, mixed_bias)
 
 
+def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                        padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """Patches by the one-hot convolution, ``[W_1; ...; W_K][g] @ patches[b, g]``, then the K outputs mixed."""
+    batch, in_channels = x.shape[0], x.shape[1]
+    num_experts, out_channels = weight.shape[0], weight.shape[1]
+    per_group = out_channels // groups
+    taps = _one_hot_taps(in_channels, list(weight.shape[3:]), x)
+    patches = _conv(x, taps, None, stride, padding, dilation, in_channels)
+    out_size = list(patches.shape[2:])
+    positions = patches[0, 0].numel()
+    # (g, B * L, C_in/g * taps): one matrix product per group over the whole batch (a broadcast matmul
+    # would expand the experts to one copy per sample)
+    cols = patches.reshape(batch, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions, -1)
+    # (g, C_in/g * taps, K * per_group): each group's K experts side by side
+    w = weight.reshape(num_experts, groups, per_group, -1).permute(1, 3, 0, 2).reshape(groups, -1, num_experts * per_group)
+    y = torch.bmm(cols, w.to(cols.dtype))  # (g, B * L, K * per_group)
+    y = y.reshape(groups, batch, positions, num_experts, per_group)
+    a = attention.to(y.dtype).reshape(1, batch, 1, 1, num_experts)
+    out = torch.matmul(a, y)  # (g, B, L, 1, per_group)
+    out = out.reshape(groups, batch, positions, per_group).permute(1, 0, 3, 2)
+    out = out.reshape([batch, out_channels] + out_size)
+    mixed_bias: Optional[Tensor] = None
+    if bias is not None:
+        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
+    return _add_bias(out, mixed_bias)
+
+
 def _tracing_or_exporting() -> bool:
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
     return torch.compiler.is_compiling()
 
 
-def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int) -> str:
+# In eager mode, ungrouped layers whose output is tiny convolve with all K kernels and mix the outputs instead of
+# writing per-sample kernels: when (output positions per sample) x (K - 1) is at most EXPERTS_MAX_POSITIONS,
+# since mixing costs about as much per kernel element as a few dozen multiply-adds of the convolution (deep
+# layers on small images). Among those, "unfold_experts" (matrix products) where the convolution's own kernels
+# are slow: at most UNFOLD_EXPERTS_MAX_POSITIONS output positions, or wide inputs (>= 256 channels).
+# Measured with benchmarks/mixing.py (training step, one thread).
+EXPERTS_MAX_POSITIONS = 48
+UNFOLD_EXPERTS_MAX_POSITIONS = 4
+
+
+@torch.jit.unused
+def _experts_limits() -> List[int]:
+    return [EXPERTS_MAX_POSITIONS, UNFOLD_EXPERTS_MAX_POSITIONS]
+
+
+def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> int:
+    """Output positions per sample (product of the output's spatial sizes) of a convolution."""
+    positions = 1
+    for i in range(x.dim() - 2):
+        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
+        positions *= max(0, (x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    return positions
+
+
+def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
+                    stride: Optional[List[int]] = None, dilation: Optional[List[int]] = None) -> str:
     """The strategy :func:`dynamic_conv` uses for these shapes.
 
-    While tracing, exporting or compiling, only strategies without batch-size constants qualify.
+    ``padding`` is the convolution's symmetric padding, one int per spatial dimension. In eager mode, for
+    ungrouped layers at batch > 1 whose output is tiny (at most ``EXPERTS_MAX_POSITIONS / (K - 1)`` positions
+    per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
+    ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels) or ``"experts"``; otherwise
+    ``"chunked"``. While tracing, exporting or compiling, only strategies without batch-size constants qualify.
     """
     batch_generic = False
     if not torch.jit.is_scripting():
         batch_generic = _tracing_or_exporting()
     if not batch_generic:
+        num_experts = weight.shape[0]
+        if stride is not None and dilation is not None and groups == 1 and num_experts > 1 and x.shape[0] > 1:
+            limits = [48, 4]  # TorchScript reads no module globals; eager mode reads the two constants
+            if not torch.jit.is_scripting():
+                limits = _experts_limits()
+            positions = output_positions(x, weight, stride, padding, dilation)
+            if positions * (num_experts - 1) <= limits[0]:
+                if positions <= limits[1] or x.shape[1] >= 256:
+                    return "unfold_experts"
+                return "experts"
         # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
         # is aggregate-then-convolve, one chunk of many is batch-as-groups (or one bmm for 1x1)
         return "chunked"
@@ -249,7 +318,7 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
     """
     x, conv_padding = apply_padding(x, padding, padding_mode)
     if strategy == "auto":
-        strategy = select_strategy(x, weight, conv_padding, groups)
+        strategy = select_strategy(x, weight, conv_padding, groups, stride, dilation)
     if strategy == "groups":
         return conv_groups(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "loop":
@@ -260,7 +329,10 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         return conv_unfold(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "experts":
         return conv_experts(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "unfold_experts":
+        return conv_unfold_experts(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "chunked":
         return conv_chunked(x, weight, bias, attention, stride, conv_padding, dilation, groups)
-    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts' or 'chunked'. "
+    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts', 'unfold_experts' or "
+                     "'chunked'. "
                      "Received: strategy='" + strategy + "'")
