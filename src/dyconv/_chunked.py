@@ -71,6 +71,13 @@ def clear_workspaces() -> None:
     _workspaces.cache = {}
 
 
+def workspace_bytes() -> int:
+    """Bytes held by this thread's mixing workspaces (at most one forward chunk and one backward chunk of
+    mixed kernels, or one sample's kernel where that is larger, per device and dtype)."""
+    cache = getattr(_workspaces, "cache", None) or {}
+    return sum(buf.numel() * buf.element_size() for buf in cache.values())
+
+
 def chunk_size(batch: int, kernel_numel: int, budget: int) -> int:
     """How many samples' mixed kernels fit in ``budget`` elements (at least 1, at most ``batch``)."""
     return max(1, min(batch, budget // max(1, kernel_numel)))

@@ -7,7 +7,7 @@ HELP = ("Train the static twin and the DY model on Fashion-MNIST with the same r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="~2-minute smoke version (1 epoch, 3000 images)")
+    parser.add_argument("--quick", action="store_true", help="~2-minute smoke version (1 epoch, 1000 training images)")
     parser.add_argument("--output", default="runs/demo", help="folder for both runs, summary and plots")
     parser.add_argument("--data-dir", default=None, help="where to look for Fashion-MNIST first")
     parser.add_argument("--models", nargs=2, metavar=("STATIC", "DYNAMIC"), default=None,

@@ -301,9 +301,12 @@ def _fit(config: TrainConfig, create_model, info: distributed.DistInfo, device: 
             correct += float((logits.argmax(1) == y).sum())
             seen += n
             elapsed = time.perf_counter() - t0
-            log.progress.update(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                                **{"samples/s": f"{seen * info.world_size / max(elapsed, 1e-9):.0f}"},
-                                tau=f"{get_temperature(raw_model) or 0:.2f}")
+            shown = {"loss": f"{loss_sum / seen:.4f}", "acc": f"{correct / seen:.4f}",
+                     "samples/s": f"{seen * info.world_size / max(elapsed, 1e-9):.0f}"}
+            tau = get_temperature(raw_model)
+            if tau is not None:  # static models have no temperature
+                shown["tau"] = f"{tau:.2f}"
+            log.progress.update(**shown)
         log.progress.close()
         distributed.broadcast_buffers(raw_model)
         epoch_time = time.perf_counter() - t0
