@@ -353,3 +353,35 @@ def test_wrong_input_errors(shape):
 def test_set_temperature_errors():
     with pytest.raises(ValueError, match=r"temperature=0"):
         dyconv.set_temperature(DynamicConv2d(4, 4, 3), 0)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, monkeypatch):
+    """Batch 1 without gradients takes the lean path (zero symmetric padding) or falls back; both exact."""
+    layer = make(rank, 3, bias, **kwargs).eval()
+    x = make_input(rank, layer, 1)
+    used = []
+    real = type(layer)._infer_one
+    monkeypatch.setattr(type(layer), "_infer_one", lambda self, x: used.append(1) or real(self, x))
+    taken = []
+    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, taken))
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    zero_symmetric = layer.padding_mode == "zeros" and layer._padding_pairs[0::2] == layer._padding_pairs[1::2]
+    assert used and bool(taken) == zero_symmetric
+    with torch.no_grad():  # the general path gives the same numbers
+        torch.testing.assert_close(out, layer(torch.cat([x, x]))[:1], **TOL[torch.float64])
+    used.clear()
+    layer(x)  # with gradients enabled the lean path is not tried
+    assert not used
+
+
+def _spy(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped

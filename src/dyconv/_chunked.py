@@ -35,9 +35,11 @@ from torch import Tensor
 # for the allocator to reuse the buffer between chunks instead of mapping fresh pages every call, large
 # enough that the experts are read only a few times per batch.
 FORWARD_CHUNK_ELEMENTS = 1 << 21
-# Backward reads the experts three times per chunk (mix, expert gradient, attention gradient), so it
-# takes larger chunks to amortise those reads; it keeps two buffers of this size (kernels, their gradients).
-BACKWARD_CHUNK_ELEMENTS = 1 << 23
+# Backward reads the experts three times per chunk (mix, expert gradient, attention gradient) and keeps two
+# buffers of this size (kernels, their gradients). 2**21 rather than a larger chunk: DY-ResNet-18's batch-32
+# training step peaks at 1.76x static's memory with it, 1.93x with 2**22 and 2.22x with 2**23
+# (benchmarks/memory.py), while the experts of one chunk (at most 9.4 MB for 3x3 256->256) stay in the cache.
+BACKWARD_CHUNK_ELEMENTS = 1 << 21
 # Elements of the K experts that one output-channel tile may hold, so that they stay in the last-level cache
 # while every sample's kernel for the tile is mixed (used when one sample's kernel exceeds a chunk).
 EXPERT_TILE_ELEMENTS = 1 << 21
@@ -326,7 +328,7 @@ def chunked_autograd(x: Tensor, weight: Tensor, bias: Optional[Tensor], attentio
                      padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
     """:func:`chunked_forward` with memory-bounded backward (eager mode only: not scriptable or traceable)."""
     device_type = x.device.type
-    dtype = _autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
     if dtype is not None:
         # autocast would not reach the ops that backward runs; cast once here so both run in its dtype
         x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
@@ -352,7 +354,7 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     chunk = chunk_size(x.shape[0], weight[0].numel(), FORWARD_CHUNK_ELEMENTS)
     if _needs_grad(x, weight, bias, attention) and not _tracing_or_compiling():
         return chunked_autograd(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
-    dtype = _autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -363,7 +365,7 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
                            EXPERT_TILE_ELEMENTS)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype if autocast is on for this device type (``meta`` and the like have none)."""
     try:
         if not torch.is_autocast_enabled(device_type):

@@ -50,8 +50,9 @@ STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts",
 BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
 
 
-def _conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], padding: List[int],
-          dilation: List[int], groups: int) -> Tensor:
+def conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], padding: List[int],
+         dilation: List[int], groups: int) -> Tensor:
+    """``F.conv1d/2d/3d`` by the input's rank."""
     rank = x.dim() - 2
     if rank == 1:
         return F.conv1d(x, w, b, stride, padding, dilation, groups)
@@ -116,7 +117,7 @@ def conv_groups(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
     if mixed_bias is not None:
         b = mixed_bias.reshape(-1)
     # reshape, not view: channels_last and other non-contiguous inputs must work
-    out = _conv(x.reshape([1, -1] + list(x.shape[2:])), w, b, stride, padding, dilation, batch * groups)
+    out = conv(x.reshape([1, -1] + list(x.shape[2:])), w, b, stride, padding, dilation, batch * groups)
     return out.reshape([batch, weight.shape[1]] + list(out.shape[2:]))
 
 
@@ -129,7 +130,7 @@ def conv_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tens
         b: Optional[Tensor] = None
         if mixed_bias is not None:
             b = mixed_bias[i]
-        outs.append(_conv(x[i : i + 1], mixed[i], b, stride, padding, dilation, groups))
+        outs.append(conv(x[i : i + 1], mixed[i], b, stride, padding, dilation, groups))
     return torch.cat(outs, 0)
 
 
@@ -169,7 +170,7 @@ def conv_unfold(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
     batch, in_channels = x.shape[0], x.shape[1]
     kernel_size = list(weight.shape[3:])
     taps = _one_hot_taps(in_channels, kernel_size, x)
-    patches = _conv(x, taps, None, stride, padding, dilation, in_channels)
+    patches = conv(x, taps, None, stride, padding, dilation, in_channels)
     out_size = list(patches.shape[2:])
     out_channels = weight.shape[1]
     mixed, mixed_bias = mix_experts(attention, weight, bias)
@@ -187,7 +188,7 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
     # order output channels (group, expert, channel) so each group's K experts stay in that group
     w = weight.reshape([num_experts, groups, per_group] + list(weight.shape[2:])).transpose(0, 1)
     w = w.reshape([groups * num_experts * per_group] + list(weight.shape[2:]))
-    y = _conv(x, w, None, stride, padding, dilation, groups)
+    y = conv(x, w, None, stride, padding, dilation, groups)
     out_size = list(y.shape[2:])
     y = y.reshape(y.shape[0], groups, num_experts, -1)
     # mix as (1, K) @ (K, per_group * L) per sample and group: one pass over the K outputs (in onnxruntime
@@ -207,7 +208,7 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     num_experts, out_channels = weight.shape[0], weight.shape[1]
     per_group = out_channels // groups
     taps = _one_hot_taps(in_channels, list(weight.shape[3:]), x)
-    patches = _conv(x, taps, None, stride, padding, dilation, in_channels)
+    patches = conv(x, taps, None, stride, padding, dilation, in_channels)
     out_size = list(patches.shape[2:])
     positions = patches[0, 0].numel()
     # (g, B * L, C_in/g * taps): one matrix product per group over the whole batch (a broadcast matmul
@@ -232,7 +233,8 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     return _add_bias(out, mixed_bias)
 
 
-def _tracing_or_exporting() -> bool:
+def tracing_exporting_or_compiling() -> bool:
+    """Whether a trace, an ONNX export or ``torch.compile`` is recording this call."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
     return torch.compiler.is_compiling()
@@ -274,7 +276,7 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     """
     batch_generic = False
     if not torch.jit.is_scripting():
-        batch_generic = _tracing_or_exporting()
+        batch_generic = tracing_exporting_or_compiling()
     if not batch_generic:
         num_experts = weight.shape[0]
         if stride is not None and dilation is not None and groups == 1 and num_experts > 1 and x.shape[0] > 1:

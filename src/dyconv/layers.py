@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from . import _args
 from .attention import ExpertAttention
+from . import _chunked
+from . import functional as _functional
 from .functional import STRATEGIES, dynamic_conv
 
 
@@ -64,6 +66,9 @@ class _DynamicConvNd(nn.Module):
         self.strategy = strategy
         self._layer_name = type(self).__name__
         self._padding_pairs: List[int] = [p for pair in spec.explicit_padding() for p in pair]
+        # the convolution's own padding when it can pad (zeros, symmetric), for the one-sample inference path
+        before, after = self._padding_pairs[0::2], self._padding_pairs[1::2]
+        self._conv_padding: Optional[List[int]] = before if padding_mode == "zeros" and before == after else None
         self.weight = nn.Parameter(
             torch.empty((spec.num_experts, spec.out_channels, spec.in_channels // spec.groups, *spec.kernel_size),
                         **factory)
@@ -87,6 +92,31 @@ class _DynamicConvNd(nn.Module):
                 nn.init.uniform_(self.bias[k], -bound, bound)
         self.router.fc1.reset_parameters()
         self.router.fc2.reset_parameters()
+
+    @torch.jit.unused
+    def _infer_one(self, x: Tensor) -> Optional[Tensor]:
+        """Inference on one sample with little dispatch: mix the kernel, convolve (``None``: not applicable).
+
+        Exactly the ``"chunked"`` strategy's computation for a one-sample batch (aggregate-then-convolve) without
+        its general bookkeeping, which at batch 1 costs more than small layers' convolutions. Used only in eager
+        mode without gradients, autocast, tracing, export or compilation, for zero symmetric padding and
+        contiguous kernels whose dtype matches the input's.
+        """
+        weight = self.weight
+        padding = getattr(self, "_conv_padding", None)  # modules pickled before it existed lack it
+        if (padding is None or x.dtype != weight.dtype or not weight.is_contiguous()
+                or _functional.tracing_exporting_or_compiling() or _chunked.autocast_dtype(x.device.type) is not None):
+            return None
+        attention = self.attention(x)
+        flat = weight.reshape(weight.shape[0], -1)
+        buf = _chunked.workspace(flat.shape[1], weight)
+        if buf is None:
+            mixed = torch.mm(attention, flat)
+        else:
+            mixed = torch.mm(attention, flat, out=buf.view(1, -1))
+        bias = None if self.bias is None else torch.mm(attention, self.bias).view(-1)
+        return _functional.conv(x, mixed.view(weight.shape[1:]), bias, self.stride, padding,
+                                self.dilation, self.groups)
 
     def _apply(self, fn, recurse=True):
         # model.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and refuses a
@@ -136,6 +166,11 @@ class _DynamicConvNd(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, allow_unbatched=True)
+        if not torch.jit.is_scripting():
+            if x.shape[0] == 1 and x.dim() == self._rank + 2 and not torch.is_grad_enabled() and self.strategy == "auto":
+                out = self._infer_one(x)
+                if out is not None:
+                    return out
         unbatched = x.dim() == self._rank + 1
         if unbatched:
             x = x.unsqueeze(0)
