@@ -225,6 +225,20 @@ def test_workspace_reuse_keeps_results_independent(kernel_size):
     assert all(o.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr() for o in outs)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_workspace_from_inference_mode_serves_training(kernel_size):
+    _chunked.clear_workspaces()
+    layer = DynamicConv2d(6, 8, kernel_size, padding=kernel_size // 2, num_experts=3)
+    x = torch.randn(3, 6, 7, 7)
+    with torch.inference_mode():
+        layer(x[:1])
+        layer(x)
+    out = layer(x)  # the buffers made under inference mode are written again with autograd on
+    out.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+
 def test_workspace_is_per_thread_and_cpu_only():
     import threading
 

@@ -14,10 +14,12 @@ that reads channels_last input without copying it.
 
 Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows both):
 
-* A convolution whose kernel lies in freshly allocated memory is much slower than one whose kernel lies in
-  memory the process has used before (3x3 512→512 at 7², batch 1, one thread: 26 ms against 7 ms), so the
-  mixed kernels are written with ``torch.mm(..., out=)`` into a reused per-thread workspace on the CPU. The
-  workspace never escapes: each chunk's convolution has consumed it before the next chunk is mixed.
+* A convolution whose kernel lies in freshly allocated memory can be slower than one whose kernel lies in
+  memory the process has used before, so the mixed kernels are written with ``torch.mm(..., out=)`` into a
+  reused per-thread workspace on the CPU. The size of the effect depends on the load: mix + 3x3 512→512 conv
+  at 7², batch 1, 16.4 ms fresh against 14.0 ms reused with 2 threads on the quiet machine; 28.5 ms against
+  11.5 ms with one thread while another process ran. The workspace never escapes: each chunk's convolution
+  has consumed it before the next chunk is mixed.
 * When one sample's kernel is larger than a chunk (deep 3×3 layers), mixing sample by sample re-reads all K
   experts from memory for every sample. Then the output channels are tiled so that the K experts of one
   tile stay in the cache while every sample's kernel for that tile is mixed and convolved.
@@ -56,14 +58,16 @@ def workspace(numel: int, like: Tensor, slot: int = 0) -> Optional[Tensor]:
     """
     if like.device.type != "cpu":
         return None  # the CUDA caching allocator already reuses memory
-    cache: Optional[Dict[Tuple[str, torch.dtype, int], Tensor]] = getattr(_workspaces, "cache", None)
+    cache: Optional[Dict[Tuple[torch.device, torch.dtype, int], Tensor]] = getattr(_workspaces, "cache", None)
     if cache is None:
         cache = {}
         _workspaces.cache = cache
-    key = (str(like.device), like.dtype, slot)
+    key = (like.device, like.dtype, slot)
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        # a normal tensor even under torch.inference_mode: an inference tensor could not be written outside it
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
         cache[key] = buf
     return buf[:numel]
 
@@ -93,9 +97,18 @@ def _channels_last(x: Tensor) -> bool:
     return False
 
 
+def kernel_is_one(weight: Tensor) -> bool:
+    """Whether the experts ``(K, C_out, C_in/g, *kernel)`` are 1×1 (×1) kernels (read from the shape: indexing
+    the tensor would cost tensor operations on every call)."""
+    for k in weight.shape[3:]:
+        if k != 1:
+            return False
+    return True
+
+
 def uses_matmul(weight: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int) -> bool:
     """Unpadded, stride-1, ungrouped 1×1 kernels: the convolution is a batched matrix product."""
-    one = weight[0, 0, 0].numel() == 1
+    one = kernel_is_one(weight)
     return one and groups == 1 and not any([p != 0 for p in padding]) and all([s == 1 for s in stride])
 
 

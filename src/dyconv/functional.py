@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._chunked import conv_chunked
+from ._chunked import conv_chunked, kernel_is_one
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
@@ -139,7 +139,7 @@ def conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
     """1×1 kernels: ``out[b, g] = W_b[g] @ x[b, g]`` as one batched matrix product."""
     if any([p != 0 for p in padding]):
         raise ValueError("the 'matmul' strategy needs zero padding. Received: padding=" + str(padding))
-    if weight[0, 0, 0].numel() != 1:
+    if not kernel_is_one(weight):
         raise ValueError("the 'matmul' strategy needs 1x1 kernels. Received: weight shape " + str(list(weight.shape)))
     x = _subsample(x, stride)
     batch, out_channels = x.shape[0], weight.shape[1]
@@ -210,7 +210,9 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     taps = _one_hot_taps(in_channels, list(weight.shape[3:]), x)
     patches = conv(x, taps, None, stride, padding, dilation, in_channels)
     out_size = list(patches.shape[2:])
-    positions = patches[0, 0].numel()
+    positions = 1
+    for size in out_size:
+        positions *= size
     # (g, B * L, C_in/g * taps): one matrix product per group over the whole batch (a broadcast matmul
     # would expand the experts to one copy per sample)
     cols = patches.reshape(batch, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions, -1)
@@ -291,7 +293,7 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
         # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
         # is aggregate-then-convolve, one chunk of many is batch-as-groups (or one bmm for 1x1)
         return "chunked"
-    one_by_one = weight[0, 0, 0].numel() == 1 and not any([p != 0 for p in padding])
+    one_by_one = kernel_is_one(weight) and not any([p != 0 for p in padding])
     if one_by_one:
         return "matmul"
     return "experts" if weight.shape[2] == 1 else "unfold"
