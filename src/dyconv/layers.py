@@ -105,7 +105,7 @@ class _DynamicConvNd(nn.Module):
         weight = self.weight
         padding = getattr(self, "_conv_padding", None)  # modules pickled before it existed lack it
         if (padding is None or x.dtype != weight.dtype or not weight.is_contiguous()
-                or _functional.tracing_exporting_or_compiling() or _chunked.autocast_dtype(x.device.type) is not None):
+                or _chunked.autocast_dtype(x.device.type) is not None):
             return None
         attention = self.attention(x)
         flat = weight.reshape(weight.shape[0], -1)
@@ -167,7 +167,9 @@ class _DynamicConvNd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, allow_unbatched=True)
         if not torch.jit.is_scripting():
-            if x.shape[0] == 1 and x.dim() == self._rank + 2 and not torch.is_grad_enabled() and self.strategy == "auto":
+            # the recording checks first: a trace or torch.compile must not see (and guard on) the batch size
+            if (not _functional.tracing_exporting_or_compiling() and x.shape[0] == 1 and x.dim() == self._rank + 2
+                    and not torch.is_grad_enabled() and self.strategy == "auto"):
                 out = self._infer_one(x)
                 if out is not None:
                     return out
