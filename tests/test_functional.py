@@ -29,6 +29,16 @@ def run(layer, x, strategy):
                         layer.groups, layer.padding_mode, strategy)
 
 
+def assert_gradients_match_loop(layer, x, out):
+    """Gradients of ``out`` (from ``layer`` on ``x``) w.r.t. input, experts, bias and router equal the
+    ``"loop"`` strategy's (plain autograd through per-sample dense convolutions)."""
+    params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+    grads = torch.autograd.grad(out.sin().sum(), params)
+    ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
 def applicable(strategy, layer):
     one_by_one = all(k == 1 for k in layer.kernel_size) and not any(layer._padding_pairs)
     return strategy != "matmul" or one_by_one
@@ -117,11 +127,7 @@ def test_layer_on_tiny_outputs_uses_experts_and_matches_reference():
         assert select_strategy(x, layer.weight, [1, 1], 1, layer.stride, layer.dilation) == expected
         out = layer(x)
         torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
-        params = [x, layer.weight, layer.bias, *layer.router.parameters()]
-        grads = torch.autograd.grad(out.sin().sum(), params)
-        ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, **TOL[torch.float64])
+        assert_gradients_match_loop(layer, x, out)
 
 
 def test_padding_is_left_to_the_conv_when_it_can():
@@ -158,11 +164,7 @@ def test_chunked_over_several_chunks_matches_reference(tiny_chunks, rank, case):
     x = torch.randn(5, 4, *SPATIAL[rank], dtype=torch.float64, requires_grad=True)
     out = run(layer, x, "chunked")
     torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
-    params = [x, layer.weight, layer.bias, *layer.router.parameters()]
-    grads = torch.autograd.grad(out.sin().sum(), params)
-    ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, **TOL[torch.float64])
+    assert_gradients_match_loop(layer, x, out)
 
 
 @pytest.fixture
@@ -189,11 +191,7 @@ def test_chunked_output_tiles_match_reference(tiled, rank, case, grad):
     assert (len(tiled) > 0) == (layer.groups == 1)
     assert all(t > 1 for t in tiled)
     if grad:
-        params = [x, layer.weight, layer.bias, *layer.router.parameters()]
-        grads = torch.autograd.grad(out.sin().sum(), params)
-        ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, **TOL[torch.float64])
+        assert_gradients_match_loop(layer, x, out)
 
 
 def test_output_tiles_only_for_large_ungrouped_kernels_and_several_samples():

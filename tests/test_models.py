@@ -153,12 +153,18 @@ def test_small_input_removes_two_downsamplings(name):
 # ---------------------------------------------------------------- training, determinism
 
 
+def small_model_and_input(name, batch):
+    """``name`` for 10 classes and one input channel (small-image stem for 2-D models), and a random batch:
+    ``(batch, 1, 40)`` MNIST-1D-like signals for 1-D models, ``(batch, 1, 28, 28)`` images otherwise."""
+    if name in ONE_D:
+        return dyconv.create_model(name, num_classes=10, in_channels=1), torch.randn(batch, 1, 40)
+    return dyconv.create_model(name, num_classes=10, in_channels=1, small_input=True), torch.randn(batch, 1, 28, 28)
+
+
 @pytest.mark.parametrize("name", _slow_unless(ALL, FAST))
 def test_backward_reaches_every_parameter(name):
-    one_d = name in ONE_D
-    model = dyconv.create_model(name, num_classes=10, in_channels=1, **({} if one_d else {"small_input": True}))
+    model, x = small_model_and_input(name, 4)
     model.train()
-    x = torch.randn(4, 1, 40) if one_d else torch.randn(4, 1, 28, 28)
     out = model(x)
     (out * torch.randn_like(out)).sum().backward()
     for pname, p in model.named_parameters():
@@ -169,10 +175,8 @@ def test_backward_reaches_every_parameter(name):
 
 @pytest.mark.parametrize("name", _slow_unless(ALL, FAST))
 def test_eval_is_deterministic_and_per_sample(name):
-    one_d = name in ONE_D
-    model = dyconv.create_model(name, num_classes=10, in_channels=1, **({} if one_d else {"small_input": True}))
+    model, x = small_model_and_input(name, 3)
     model.eval()
-    x = torch.randn(3, 1, 40) if one_d else torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         first, second, alone = model(x), model(x), model(x[1:2])
     assert torch.equal(first, second)

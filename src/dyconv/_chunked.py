@@ -365,7 +365,7 @@ def conv_chunked(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
 def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                         padding: List[int], dilation: List[int], groups: int) -> Tensor:
     chunk = chunk_size(x.shape[0], weight[0].numel(), FORWARD_CHUNK_ELEMENTS)
-    if _needs_grad(x, weight, bias, attention) and not _tracing_or_compiling():
+    if _needs_grad(x, weight, bias, attention) and not tracing_exporting_or_compiling():
         return chunked_autograd(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:
@@ -396,7 +396,8 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
     return x.requires_grad or weight.requires_grad or attention.requires_grad
 
 
-def _tracing_or_compiling() -> bool:
+def tracing_exporting_or_compiling() -> bool:
+    """Whether a trace, an ONNX export or ``torch.compile`` is recording this call."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
     return torch.compiler.is_compiling()

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._chunked import conv_chunked, kernel_is_one
+from ._chunked import conv_chunked, kernel_is_one, tracing_exporting_or_compiling
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
@@ -233,13 +233,6 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     if bias is not None:
         mixed_bias = torch.mm(attention.to(bias.dtype), bias)
     return _add_bias(out, mixed_bias)
-
-
-def tracing_exporting_or_compiling() -> bool:
-    """Whether a trace, an ONNX export or ``torch.compile`` is recording this call."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    return torch.compiler.is_compiling()
 
 
 # In eager mode, ungrouped layers whose output is tiny convolve with all K kernels and mix the outputs instead of
