@@ -157,14 +157,39 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(_chunked, "chunk_size", lambda batch, kernel_numel, budget: min(batch, budget))
 
 
+@pytest.fixture(params=["batch-as-groups", "per-sample"])
+def per_sample(request, monkeypatch):
+    """Both ways of convolving a chunk: folded into the groups, or one convolution per sample."""
+    on = request.param == "per-sample"
+    monkeypatch.setattr(_chunked, "PER_SAMPLE_MIN_POSITIONS", 1 if on else 10**9)
+    calls = []
+    real = _chunked.convolves_per_sample
+    monkeypatch.setattr(_chunked, "convolves_per_sample", lambda *args: calls.append(real(*args)) or calls[-1])
+    return on, calls
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_chunked_over_several_chunks_matches_reference(tiny_chunks, rank, case):
+def test_chunked_over_several_chunks_matches_reference(tiny_chunks, per_sample, rank, case):
     layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
     x = torch.randn(5, 4, *SPATIAL[rank], dtype=torch.float64, requires_grad=True)
     out = run(layer, x, "chunked")
     torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
     assert_gradients_match_loop(layer, x, out)
+    on, calls = per_sample
+    matmul = _chunked.uses_matmul(layer.weight, layer.stride, [0] * rank, layer.dilation, layer.groups)
+    matmul = matmul and not any(layer._padding_pairs)
+    assert calls == [on and not matmul] * 2  # forward and backward
+
+
+def test_per_sample_convolutions_for_large_outputs_only():
+    w3, w1 = torch.zeros(4, 8, 8, 3, 3), torch.zeros(4, 8, 8, 1, 1)
+    one, pad = [1, 1], [1, 1]
+    x = torch.zeros(2, 8, 23, 23)  # 529 output positions >= 512
+    assert _chunked.convolves_per_sample(x, w3, one, pad, one, False, 512)
+    assert not _chunked.convolves_per_sample(x, w3, [2, 2], pad, one, False, 512)  # 144 positions
+    assert not _chunked.convolves_per_sample(x[:1], w3, one, pad, one, False, 512)  # one sample: dense anyway
+    assert not _chunked.convolves_per_sample(x, w1, one, [0, 0], one, True, 512)  # 1x1: one bmm
 
 
 @pytest.fixture
@@ -265,7 +290,7 @@ def test_chunked_gradcheck(tiny_chunks, kernel_size, bias):
 
 
 @pytest.mark.parametrize("kernel_size,groups", [(3, 1), (1, 1), (3, 8), (1, 2)])
-def test_chunked_channels_last_forward_and_backward(tiny_chunks, kernel_size, groups):
+def test_chunked_channels_last_forward_and_backward(tiny_chunks, per_sample, kernel_size, groups):
     layer = DynamicConv2d(8, 8, kernel_size, padding=kernel_size // 2, groups=groups, dtype=torch.float64)
     x = torch.randn(5, 8, 6, 7, dtype=torch.float64)
     ref = per_sample_reference(layer, x)

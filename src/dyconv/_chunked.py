@@ -10,7 +10,10 @@ before the next chunk. Live memory per layer is O(chunk × kernel size), whateve
 
 Per chunk the convolution is one call: the chunk is folded into the convolution's groups (a dense
 convolution when the chunk is one sample), or, for unpadded stride-1 1×1 kernels, one batched matrix product
-that reads channels_last input without copying it.
+that reads channels_last input without copying it. Where each sample's output is large (at least
+``PER_SAMPLE_MIN_POSITIONS`` positions) every sample of the chunk gets its own convolution with the layer's
+groups instead: a convolution with ``chunk × groups`` groups is slower there (for depthwise layers at 56² and
+112², about twice the per-sample convolutions' time), forward and backward.
 
 Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows both):
 
@@ -45,6 +48,10 @@ BACKWARD_CHUNK_ELEMENTS = 1 << 21
 # Elements of the K experts that one output-channel tile may hold, so that they stay in the last-level cache
 # while every sample's kernel for the tile is mixed (used when one sample's kernel exceeds a chunk).
 EXPERT_TILE_ELEMENTS = 1 << 21
+# Output positions per sample from which each sample of a chunk gets its own convolution (with the layer's own
+# groups) instead of the chunk folded into the groups: a convolution with batch x groups groups is slower than
+# per-sample dense ones where each sample's output is large (benchmarks/mixing.py, third table).
+PER_SAMPLE_MIN_POSITIONS = 512
 
 _workspaces = threading.local()
 
@@ -148,9 +155,27 @@ def _mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf:
     return _unflatten(torch.mm(attention, flat, out=out), weight, order)
 
 
+def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> int:
+    """Output positions per sample (product of the output's spatial sizes) of a convolution."""
+    positions = 1
+    for i in range(x.dim() - 2):
+        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
+        positions *= max(0, (x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    return positions
+
+
+def convolves_per_sample(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                         matmul: bool, min_positions: int) -> bool:
+    """Whether each sample gets its own convolution (large outputs) rather than the chunk folded into groups."""
+    if matmul or x.shape[0] == 1:
+        return False
+    return output_positions(x, weight, stride, padding, dilation) >= min_positions
+
+
 def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: List[int], padding: List[int],
-                dilation: List[int], groups: int, matmul: bool) -> Tensor:
-    """``conv(x[i], mixed[i]) + mixed_bias[i]`` for every sample ``i`` of the chunk, in one call."""
+                dilation: List[int], groups: int, matmul: bool, per_sample: bool = False) -> Tensor:
+    """``conv(x[i], mixed[i]) + mixed_bias[i]`` for every sample ``i`` of the chunk: one call, or one
+    convolution per sample where ``per_sample``."""
     chunk, out_channels, in_channels = x.shape[0], mixed.shape[1], x.shape[1]
     spatial = list(x.shape[2:])
     if matmul:
@@ -168,10 +193,19 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
         else:
             out = torch.baddbmm(mixed_bias.unsqueeze(2), w, cols)
         return out.reshape([chunk, out_channels] + spatial)
+    rank = x.dim() - 2
+    if per_sample:
+        outs: List[Tensor] = []
+        for i in range(chunk):
+            bi: Optional[Tensor] = None
+            if mixed_bias is not None:
+                bi = mixed_bias[i]
+            outs.append(torch.convolution(x[i : i + 1], mixed[i], bi, stride, padding, dilation, False, [0] * rank,
+                                          groups))
+        return torch.cat(outs, 0)
     b: Optional[Tensor] = None
     if mixed_bias is not None:
         b = mixed_bias.reshape(-1)
-    rank = x.dim() - 2
     # reshape, not view: channels_last and other non-contiguous chunks must work (they are copied here)
     out = torch.convolution(x.reshape([1, chunk * in_channels] + spatial),
                             mixed.reshape([chunk * out_channels] + list(mixed.shape[2:])), b, stride, padding,
@@ -181,12 +215,14 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
 
 def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                     padding: List[int], dilation: List[int], groups: int, chunk: int,
-                    buf: Optional[Tensor] = None, tile_elements: int = 1 << 21) -> Tensor:
+                    buf: Optional[Tensor] = None, tile_elements: int = 1 << 21,
+                    per_sample_positions: int = 512) -> Tensor:
     """Per-sample convolution, ``chunk`` samples' mixed kernels at a time.
 
     ``buf``: a scratch buffer of at least ``chunk × kernel numel`` elements to mix into (only where no
     gradient flows through the mixing: it is overwritten chunk after chunk); ``None`` allocates.
-    ``tile_elements``: :data:`EXPERT_TILE_ELEMENTS` (an argument because TorchScript reads no globals).
+    ``tile_elements``, ``per_sample_positions``: :data:`EXPERT_TILE_ELEMENTS`, :data:`PER_SAMPLE_MIN_POSITIONS`
+    (arguments because TorchScript reads no globals).
     """
     order = _memory_order(weight)
     flat = _flat_experts(weight, order)
@@ -196,6 +232,7 @@ def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention
     tiles = output_tiles(weight, groups, batch, chunk, order, tile_elements)
     if tiles > 1:
         return _tiled_forward(x, weight, bias, a, stride, padding, dilation, tiles, matmul, buf)
+    per_sample = convolves_per_sample(x, weight, stride, padding, dilation, matmul, per_sample_positions)
     outs: List[Tensor] = []
     for start in range(0, batch, chunk):
         end = min(start + chunk, batch)
@@ -203,7 +240,8 @@ def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention
         mixed_bias: Optional[Tensor] = None
         if bias is not None:
             mixed_bias = torch.mm(a[start:end], bias)
-        outs.append(_conv_chunk(x[start:end], mixed, mixed_bias, stride, padding, dilation, groups, matmul))
+        outs.append(_conv_chunk(x[start:end], mixed, mixed_bias, stride, padding, dilation, groups, matmul,
+                                per_sample))
     if len(outs) == 1:
         return outs[0]
     return torch.cat(outs, 0)
@@ -260,7 +298,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
         buf = workspace(chunk * weight[0].numel(), weight)
         out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
-                              EXPERT_TILE_ELEMENTS)
+                              EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS)
         if out._is_view():
             # A Function's output that is a view (our reshape of the convolution's result) may not be
             # modified in place (e.g. by an in-place activation); the same memory without view
@@ -281,6 +319,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         a = attention.to(flat.dtype)
         matmul = uses_matmul(weight, stride, padding, dilation, groups)
         batch, rank = x.shape[0], x.dim() - 2
+        per_sample = convolves_per_sample(x, weight, stride, padding, dilation, matmul, PER_SAMPLE_MIN_POSITIONS)
         chunk = chunk_size(batch, flat.shape[1], BACKWARD_CHUNK_ELEMENTS)
         buf = workspace(chunk * flat.shape[1], flat, 1)
         grad_out = grad_out.to(x.dtype)
@@ -301,6 +340,18 @@ class _ChunkedDynamicConv(torch.autograd.Function):
                 if grad_x is not None:
                     w = mixed.reshape(n, mixed.shape[1], mixed.shape[2])
                     grad_x[start:end] = torch.bmm(w.transpose(1, 2), gy_cols).reshape(x_c.shape)
+            elif per_sample:
+                grads: List[Tensor] = []
+                for i in range(n):
+                    gx, gw, _ = torch.ops.aten.convolution_backward(
+                        gy[i : i + 1], x_c[i : i + 1], mixed[i], None, stride, padding, dilation, False,
+                        [0] * rank, groups, [grad_x is not None, need_w or need_a, False],
+                    )
+                    if grad_x is not None:
+                        grad_x[start + i : start + i + 1] = gx
+                    if need_w or need_a:
+                        grads.append(gw)
+                grad_mixed = torch.stack(grads) if (need_w or need_a) else None
             else:
                 in_channels, out_channels = x.shape[1], weight.shape[1]
                 gx, grad_mixed, _ = torch.ops.aten.convolution_backward(
@@ -375,7 +426,7 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     if not _needs_grad(x, weight, bias, attention):
         buf = workspace(chunk * weight[0].numel(), weight)
     return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
-                           EXPERT_TILE_ELEMENTS)
+                           EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

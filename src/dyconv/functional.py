@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._chunked import conv_chunked, kernel_is_one, tracing_exporting_or_compiling
+from ._chunked import conv_chunked, kernel_is_one, output_positions, tracing_exporting_or_compiling
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
@@ -249,15 +249,6 @@ UNFOLD_EXPERTS_MAX_POSITIONS = 4
 @torch.jit.unused
 def _experts_limits() -> List[int]:
     return [EXPERTS_MAX_POSITIONS, UNFOLD_EXPERTS_MAX_POSITIONS]
-
-
-def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> int:
-    """Output positions per sample (product of the output's spatial sizes) of a convolution."""
-    positions = 1
-    for i in range(x.dim() - 2):
-        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
-        positions *= max(0, (x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
-    return positions
 
 
 def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
