@@ -48,7 +48,11 @@ def test_layer_rows_and_files(tmp_path):
     for r in rows:
         assert set(r) == set(COLUMNS)
         assert all(r[k] > 0 for k in ("b1_ratio", "batch_ratio", "train_ratio", "memory_ratio"))
-        assert r["format"] in ("contiguous", "channels_last")
+        for figure in ("b1", "batch", "train"):
+            assert r[f"{figure}_format"] in ("contiguous", "channels_last")
+            assert r[f"{figure}_static_format"] in ("contiguous", "channels_last")
+        if r["implementation"] == "naive":
+            assert r["train_format"] == "contiguous"  # the naive side runs as its authors wrote it
     with open(tmp_path / "b.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     data = json.loads((tmp_path / "b.json").read_text())

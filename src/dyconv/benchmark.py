@@ -10,8 +10,9 @@ against torchvision's static ``resnet18`` / ``mobilenet_v2``:
 
 Method. The sides of a comparison run interleaved (static, dyconv, naive, static, ...), so a slow spell of a
 shared machine hits all of them alike, and each figure is the median over the repeats. The static side and
-the dyconv side each run in their faster memory format (contiguous or channels_last, chosen by a short
-calibration and reported); the naive side runs contiguous, as written by its authors. Peak training memory
+the dyconv side each run every figure in their faster memory format for it (contiguous or channels_last, chosen
+by a short calibration per figure and reported; one copy of the model per format, so nothing is converted
+between timed calls); the naive side runs contiguous, as written by its authors. Peak training memory
 is read from PyTorch's own allocator events (``torch.profiler`` with ``profile_memory=True``, device CPU or
 CUDA alike): the running sum of every allocation and free during one training step, maximised; it counts
 the activations kept for backward, the temporaries and the gradients allocated by the step, not the
@@ -198,49 +199,64 @@ def _train(model: nn.Module, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     return run
 
 
+FIGURES = ("b1", "batch", "train")
+
+
 class _Side:
-    """One model of a comparison, with the memory format it runs in."""
+    """One model of a comparison, with one copy per memory format and the format chosen for each figure."""
 
     def __init__(self, model: nn.Module, formats: Sequence[str]):
-        self.model = model
         self.formats = list(formats)
-        self.format = self.formats[0]
+        # a copy per format, so that no conversion runs between the interleaved timed calls
+        self.models = {fmt: (model if i == 0 else copy.deepcopy(model)).to(memory_format=FORMATS[fmt])
+                       for i, fmt in enumerate(self.formats)}
+        self.chosen = {figure: self.formats[0] for figure in FIGURES}
 
-    def prepare(self, x: Tensor) -> Tensor:
-        self.model.to(memory_format=FORMATS[self.format])
-        return x.contiguous(memory_format=FORMATS[self.format])
+    def train(self, mode: bool) -> None:
+        for model in self.models.values():
+            model.train(mode)
 
-    def calibrate(self, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]], x: Tensor) -> None:
-        """Pick the faster memory format (best of two runs after a warm-up)."""
+    def runner(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
+               x: Tensor, fmt: str | None = None) -> Callable[[], object]:
+        """``make_fn``'s function for ``figure`` in the format chosen for it (or ``fmt``)."""
+        fmt = fmt or self.chosen[figure]
+        return make_fn(self.models[fmt], x.contiguous(memory_format=FORMATS[fmt]))
+
+    def calibrate(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
+                  x: Tensor) -> None:
+        """Pick the faster memory format for ``figure`` (best of two runs after a warm-up)."""
         if len(self.formats) == 1:
             return
         best = None
         for fmt in self.formats:
-            self.format = fmt
-            fn = make_fn(self.model, self.prepare(x))
+            fn = self.runner(figure, make_fn, x, fmt)
             fn()
             t = min(_timed(fn), _timed(fn))
             if best is None or t < best[0]:
                 best = (t, fmt)
-        self.format = best[1]
+        self.chosen[figure] = best[1]
 
 
 def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Tensor,
              loss_fn: Callable[[Tensor], Tensor], repeats: int, with_optimizer: bool) -> dict[str, dict[str, float]]:
-    """Medians (seconds) and peak memory (bytes) of every side for the three figures."""
+    """Medians (seconds) and peak memory (bytes) of every side for the three figures, each side and figure in
+    its faster memory format."""
     out: dict[str, dict[str, float]] = {name: {} for name in sides}
-    for side in sides.values():
-        side.model.eval()
-        side.calibrate(_infer, inputs["batch"])
     for figure in ("b1", "batch"):
-        fns = {name: _infer(side.model, side.prepare(inputs[figure])) for name, side in sides.items()}
+        for side in sides.values():
+            side.train(False)
+            side.calibrate(figure, _infer, inputs[figure])
+        fns = {name: side.runner(figure, _infer, inputs[figure]) for name, side in sides.items()}
         for name, t in interleaved_medians(fns, repeats).items():
             out[name][figure] = t
     train_fns = {}
     for name, side in sides.items():
-        side.model.train()
-        optimizer = torch.optim.SGD(side.model.parameters(), lr=1e-3, momentum=0.9) if with_optimizer else None
-        train_fns[name] = _train(side.model, side.prepare(train_input), loss_fn, optimizer)
+        side.train(True)
+        optimizers = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if with_optimizer else None
+                      for m in side.models.values()}
+        make = (lambda model, x, optimizers=optimizers: _train(model, x, loss_fn, optimizers[id(model)]))
+        side.calibrate("train", make, train_input)
+        train_fns[name] = side.runner("train", make, train_input)
     for name, t in interleaved_medians(train_fns, repeats).items():
         out[name]["train"] = t
     for name, fn in train_fns.items():
@@ -255,15 +271,18 @@ def _rows(kind: str, name: str, measured: dict[str, dict[str, float]], sides: di
         if side_name not in measured:
             continue
         m = measured[side_name]
-        rows.append({
-            "kind": kind, "name": name, "implementation": side_name,
-            "format": sides[side_name].format, "static_format": sides["static"].format,
+        row = {"kind": kind, "name": name, "implementation": side_name}
+        for figure in FIGURES:
+            row[f"{figure}_format"] = sides[side_name].chosen[figure]
+            row[f"{figure}_static_format"] = sides["static"].chosen[figure]
+        row.update({
             "b1_static_ms": round(static["b1"] * 1e3, 3), "b1_ratio": round(m["b1"] / static["b1"], 3),
             "batch_static_ms": round(static["batch"] * 1e3, 3), "batch_ratio": round(m["batch"] / static["batch"], 3),
             "train_static_ms": round(static["train"] * 1e3, 3), "train_ratio": round(m["train"] / static["train"], 3),
             "memory_static_mb": round(static["memory"] / 2**20, 2),
             "memory_ratio": round(m["memory"] / max(static["memory"], 1.0), 3),
         })
+        rows.append(row)
     return rows
 
 
@@ -322,20 +341,28 @@ def network_training_memory(name: str, *, batch_size: int = 32, image_size: int 
     return peaks
 
 
-COLUMNS = ("kind", "name", "implementation", "format", "static_format", "b1_static_ms", "b1_ratio",
-           "batch_static_ms", "batch_ratio", "train_static_ms", "train_ratio", "memory_static_mb", "memory_ratio")
+COLUMNS = ("kind", "name", "implementation", "b1_format", "b1_static_format", "batch_format", "batch_static_format",
+           "train_format", "train_static_format", "b1_static_ms", "b1_ratio", "batch_static_ms", "batch_ratio",
+           "train_static_ms", "train_ratio", "memory_static_mb", "memory_ratio")
+_SHORT = {"contiguous": "C", "channels_last": "CL"}
 
 
 def format_table(rows: Sequence[dict], batch_size: int = 32) -> str:
-    """A Markdown table of benchmark rows (ratios to static; static medians in ms beside them)."""
+    """A Markdown table of benchmark rows (ratios to static; static medians in ms beside them; the memory formats
+    of the side and of static for each figure, C = contiguous, CL = channels_last)."""
     head = ("| shape / network | impl. | batch 1 @224 | batch {b} @224 | train step b{b} @112 | train peak memory |"
             .format(b=batch_size))
     lines = [head, "|---|---|---|---|---|---|"]
+
+    def fmt(r: dict, figure: str) -> str:
+        return f"{_SHORT[r[figure + '_format']]}/{_SHORT[r[figure + '_static_format']]}"
+
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['implementation']} ({r['format']}) | {r['b1_ratio']:.2f}× ({r['b1_static_ms']:.1f} ms) "
-            f"| {r['batch_ratio']:.2f}× ({r['batch_static_ms']:.0f} ms) | {r['train_ratio']:.2f}× "
-            f"({r['train_static_ms']:.0f} ms) | {r['memory_ratio']:.2f}× ({r['memory_static_mb']:.0f} MB) |")
+            f"| {r['name']} | {r['implementation']} | {r['b1_ratio']:.2f}× ({r['b1_static_ms']:.1f} ms) {fmt(r, 'b1')} "
+            f"| {r['batch_ratio']:.2f}× ({r['batch_static_ms']:.0f} ms) {fmt(r, 'batch')} | {r['train_ratio']:.2f}× "
+            f"({r['train_static_ms']:.0f} ms) {fmt(r, 'train')} | {r['memory_ratio']:.2f}× "
+            f"({r['memory_static_mb']:.0f} MB) |")
     return "\n".join(lines)
 
 
