@@ -1,7 +1,7 @@
-"""The two measurements behind the eager strategy choices of ``dyconv.functional`` / ``dyconv._chunked``.
+"""The measurements behind the eager strategy choices of ``dyconv.functional`` / ``dyconv._chunked``.
 
     PYTHONPATH=src python benchmarks/mixing.py              # 2 threads; --threads 1 for one
-    PYTHONPATH=src python benchmarks/mixing.py --part tiny  # only the second table
+    PYTHONPATH=src python benchmarks/mixing.py --part tiny  # only the second table (also: tiny1x1, per-sample)
 
 1. *Kernel memory* (batch 1, inference): a 3×3 convolution whose kernel is freshly allocated memory (what
    ``torch.mm`` returns when the K experts are mixed) against the same convolution reading a kernel written into
@@ -10,6 +10,10 @@
 2. *Tiny outputs* (batch-128 training step: forward and backward): the strategies for deep layers on small
    images, where the output has a few positions per sample: ``"chunked"`` (writes per-sample kernels),
    ``"experts"`` (one convolution with all K kernels) and ``"unfold_experts"`` (the same as matrix products).
+   The same for MobileNetV2's 1×1 layers at 4×4 (batch 32), the third table.
+3. *Per-sample convolutions* (batch 32, inference and training step, channels_last and contiguous): the
+   ``"chunked"`` strategy with each chunk folded into the convolution's groups against one convolution per
+   sample (``dyconv._chunked.PER_SAMPLE_MIN_POSITIONS``), for 3×3 and depthwise 3×3 layers at several sizes.
 
 Sides are interleaved (one call of each per round) and the medians are printed, in ms and as ratios to static.
 """
@@ -23,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dyconv import DynamicConv2d, _chunked
 from dyconv.functional import dynamic_conv
 
 K = 4
@@ -85,11 +90,72 @@ def tiny_outputs(rounds: int) -> None:
             f"{k} {v:.1f}" + ("" if k == "static" else f" ({v / r['static']:.2f}x)") for k, v in r.items()))
 
 
+def tiny_1x1(rounds: int) -> None:
+    print("batch-32 training step (forward + backward), MobileNetV2's 1x1 convs at 4x4 output (ms, ratio to static)")
+    for cin, cout in ((160, 960), (960, 160), (320, 1280), (576, 160)):
+        x = torch.randn(32, cin, 4, 4, requires_grad=True)
+        w = (torch.randn(K, cout, cin, 1, 1) * 0.05).requires_grad_()
+        a = torch.softmax(torch.randn(32, K), 1).requires_grad_()
+        w0 = w[0].detach().clone().requires_grad_()
+
+        def step(fn):
+            return lambda: fn().sum().backward()
+
+        def dy(strategy):
+            return step(lambda: dynamic_conv(x, w, None, a, [1, 1], [0] * 4, [1, 1], 1, strategy=strategy))
+
+        r = interleaved({"static": step(lambda: F.conv2d(x, w0)), "chunked": dy("chunked"),
+                         "experts": dy("experts"), "unfold_experts": dy("unfold_experts")}, rounds)
+        print(f"  {cin}->{cout}: " + ", ".join(
+            f"{k} {v:.1f}" + ("" if k == "static" else f" ({v / r['static']:.2f}x)") for k, v in r.items()))
+
+
+def per_sample(rounds: int) -> None:
+    print("batch 32, chunked strategy: chunks folded into groups vs one convolution per sample "
+          "(ms, ratio to static in its faster format)")
+    shapes = (("3x3 64", 64, 1, (56, 28)), ("3x3 128", 128, 1, (28, 14)), ("dw3x3 32", 32, 32, (112, 56)),
+              ("dw3x3 144", 144, 144, (56, 28)), ("dw3x3 192", 192, 192, (28, 14)))
+    for name, channels, groups, sizes in shapes:
+        for size in sizes:
+            for mode in ("inference", "training"):
+                static = torch.nn.Conv2d(channels, channels, 3, 1, 1, groups=groups, bias=False)
+                dy = DynamicConv2d(channels, channels, 3, 1, 1, groups=groups, bias=False, num_experts=K)
+                fns = {}
+                for fmt, memory_format in (("C", torch.contiguous_format), ("CL", torch.channels_last)):
+                    x = torch.randn(32, channels, size, size).contiguous(memory_format=memory_format)
+                    x.requires_grad_(mode == "training")
+                    s, d = static.to(memory_format=memory_format), dy.to(memory_format=memory_format)
+
+                    def call(layer, x=x, threshold=None, memory_format=memory_format):
+                        def run():
+                            layer.to(memory_format=memory_format)
+                            if threshold is not None:
+                                _chunked.PER_SAMPLE_MIN_POSITIONS = threshold
+                            if mode == "training":
+                                layer(x).sum().backward()
+                            else:
+                                with torch.no_grad():
+                                    layer(x)
+                        return run
+
+                    fns[f"static {fmt}"] = call(s)
+                    fns[f"groups {fmt}"] = call(d, threshold=10**9)
+                    fns[f"per-sample {fmt}"] = call(d, threshold=1)
+                default = _chunked.PER_SAMPLE_MIN_POSITIONS
+                try:
+                    r = interleaved(fns, rounds)
+                finally:
+                    _chunked.PER_SAMPLE_MIN_POSITIONS = default
+                best = min(r["static C"], r["static CL"])
+                print(f"  {name} @{size} {mode}: static {best:.1f}; " + ", ".join(
+                    f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--part", choices=["all", "memory", "tiny"], default="all")
+    parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample"], default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, K = {K}")
@@ -97,6 +163,10 @@ def main(argv=None) -> int:
         kernel_memory(args.rounds)
     if args.part in ("all", "tiny"):
         tiny_outputs(args.rounds)
+    if args.part in ("all", "tiny1x1"):
+        tiny_1x1(args.rounds)
+    if args.part in ("all", "per-sample"):
+        per_sample(args.rounds)
     return 0
 
 

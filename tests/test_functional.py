@@ -97,6 +97,9 @@ def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     # ... unless the input is wide
     wide = torch.zeros(4, 8, 256, 3, 3)
     assert select_strategy(torch.zeros(4, 256, 3, 3), wide, [1, 1], 1, one, one) == "unfold_experts"
+    # 1x1 kernels: their K-kernel convolution is one matrix product already
+    w1 = torch.zeros(4, 8, 256, 1, 1)
+    assert select_strategy(torch.zeros(4, 256, 2, 2), w1, [0, 0], 1, one, one) == "experts"
     # 5x5 output: 75 > 48
     assert select_strategy(torch.zeros(4, 8, 5, 5), w, [1, 1], 1, one, one) == "chunked"
     # stride 2 brings 4x4 down to 2x2
@@ -162,6 +165,7 @@ def per_sample(request, monkeypatch):
     """Both ways of convolving a chunk: folded into the groups, or one convolution per sample."""
     on = request.param == "per-sample"
     monkeypatch.setattr(_chunked, "PER_SAMPLE_MIN_POSITIONS", 1 if on else 10**9)
+    monkeypatch.setattr(_chunked, "PER_SAMPLE_GROUPED_MIN_ELEMENTS", 1)
     calls = []
     real = _chunked.convolves_per_sample
     monkeypatch.setattr(_chunked, "convolves_per_sample", lambda *args: calls.append(real(*args)) or calls[-1])
@@ -183,13 +187,21 @@ def test_chunked_over_several_chunks_matches_reference(tiny_chunks, per_sample, 
 
 
 def test_per_sample_convolutions_for_large_outputs_only():
-    w3, w1 = torch.zeros(4, 8, 8, 3, 3), torch.zeros(4, 8, 8, 1, 1)
+    w3, w1, wd = torch.zeros(4, 8, 8, 3, 3), torch.zeros(4, 8, 8, 1, 1), torch.zeros(4, 8, 1, 3, 3)
     one, pad = [1, 1], [1, 1]
     x = torch.zeros(2, 8, 23, 23)  # 529 output positions >= 512
-    assert _chunked.convolves_per_sample(x, w3, one, pad, one, False, 512)
-    assert not _chunked.convolves_per_sample(x, w3, [2, 2], pad, one, False, 512)  # 144 positions
-    assert not _chunked.convolves_per_sample(x[:1], w3, one, pad, one, False, 512)  # one sample: dense anyway
-    assert not _chunked.convolves_per_sample(x, w1, one, [0, 0], one, True, 512)  # 1x1: one bmm
+
+    def per_sample(x, w, stride=one, padding=pad, groups=1, matmul=False, training=False, elements=1 << 18):
+        return _chunked.convolves_per_sample(x, w, stride, padding, one, groups, matmul, 512, elements, training)
+
+    assert per_sample(x, w3)
+    assert not per_sample(x, w3, stride=[2, 2])  # 144 positions
+    assert not per_sample(x[:1], w3)  # one sample: dense anyway
+    assert not per_sample(x, w1, padding=[0, 0], matmul=True)  # 1x1: one bmm
+    # grouped: always when training, without gradients only for large inputs (8 x 529 elements here)
+    assert per_sample(x, wd, groups=8, training=True)
+    assert not per_sample(x, wd, groups=8)
+    assert per_sample(x, wd, groups=8, elements=8 * 529)
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ before the next chunk. Live memory per layer is O(chunk × kernel size), whateve
 Per chunk the convolution is one call: the chunk is folded into the convolution's groups (a dense
 convolution when the chunk is one sample), or, for unpadded stride-1 1×1 kernels, one batched matrix product
 that reads channels_last input without copying it. Where each sample's output is large (at least
-``PER_SAMPLE_MIN_POSITIONS`` positions) every sample of the chunk gets its own convolution with the layer's
-groups instead: a convolution with ``chunk × groups`` groups is slower there (for depthwise layers at 56² and
-112², about twice the per-sample convolutions' time), forward and backward.
+``PER_SAMPLE_MIN_POSITIONS`` positions; for grouped layers without gradients also ``PER_SAMPLE_GROUPED_MIN_ELEMENTS``
+input elements) every sample of the chunk gets its own convolution with the layer's groups instead: a
+convolution with ``chunk × groups`` groups is slower there (depthwise layers at 56² and 112²: about twice the
+per-sample convolutions' time), forward and backward (``benchmarks/mixing.py --part per-sample``).
 
 Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows both):
 
@@ -52,6 +53,9 @@ EXPERT_TILE_ELEMENTS = 1 << 21
 # groups) instead of the chunk folded into the groups: a convolution with batch x groups groups is slower than
 # per-sample dense ones where each sample's output is large (benchmarks/mixing.py, third table).
 PER_SAMPLE_MIN_POSITIONS = 512
+# ... and for grouped (e.g. depthwise) layers without gradients, at least this many input elements per sample
+# (below it the folded convolution is faster there: depthwise 3x3 on 32 x 56² or 192 x 28², batch 32).
+PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 18
 
 _workspaces = threading.local()
 
@@ -165,11 +169,21 @@ def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List
 
 
 def convolves_per_sample(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
-                         matmul: bool, min_positions: int) -> bool:
-    """Whether each sample gets its own convolution (large outputs) rather than the chunk folded into groups."""
+                         groups: int, matmul: bool, min_positions: int, grouped_min_elements: int,
+                         training: bool) -> bool:
+    """Whether each sample gets its own convolution (large outputs) rather than the chunk folded into groups.
+
+    At least ``min_positions`` output positions per sample; for grouped layers without gradients also at least
+    ``grouped_min_elements`` input elements per sample (grouped inference on smaller inputs is faster folded).
+    """
     if matmul or x.shape[0] == 1:
         return False
-    return output_positions(x, weight, stride, padding, dilation) >= min_positions
+    positions = output_positions(x, weight, stride, padding, dilation)
+    if positions < min_positions:
+        return False
+    if training or groups == 1:
+        return True
+    return x.shape[1] * positions >= grouped_min_elements
 
 
 def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: List[int], padding: List[int],
@@ -216,13 +230,15 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
 def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                     padding: List[int], dilation: List[int], groups: int, chunk: int,
                     buf: Optional[Tensor] = None, tile_elements: int = 1 << 21,
-                    per_sample_positions: int = 512) -> Tensor:
+                    per_sample_positions: int = 512, per_sample_grouped_elements: int = 1 << 18,
+                    training: bool = False) -> Tensor:
     """Per-sample convolution, ``chunk`` samples' mixed kernels at a time.
 
     ``buf``: a scratch buffer of at least ``chunk × kernel numel`` elements to mix into (only where no
     gradient flows through the mixing: it is overwritten chunk after chunk); ``None`` allocates.
-    ``tile_elements``, ``per_sample_positions``: :data:`EXPERT_TILE_ELEMENTS`, :data:`PER_SAMPLE_MIN_POSITIONS`
-    (arguments because TorchScript reads no globals).
+    ``tile_elements``, ``per_sample_positions``, ``per_sample_grouped_elements``: :data:`EXPERT_TILE_ELEMENTS`,
+    :data:`PER_SAMPLE_MIN_POSITIONS`, :data:`PER_SAMPLE_GROUPED_MIN_ELEMENTS` (arguments because TorchScript
+    reads no globals). ``training``: whether this forward is part of a training step (for that choice).
     """
     order = _memory_order(weight)
     flat = _flat_experts(weight, order)
@@ -232,7 +248,8 @@ def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention
     tiles = output_tiles(weight, groups, batch, chunk, order, tile_elements)
     if tiles > 1:
         return _tiled_forward(x, weight, bias, a, stride, padding, dilation, tiles, matmul, buf)
-    per_sample = convolves_per_sample(x, weight, stride, padding, dilation, matmul, per_sample_positions)
+    per_sample = convolves_per_sample(x, weight, stride, padding, dilation, groups, matmul, per_sample_positions,
+                                      per_sample_grouped_elements, training)
     outs: List[Tensor] = []
     for start in range(0, batch, chunk):
         end = min(start + chunk, batch)
@@ -298,7 +315,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
         buf = workspace(chunk * weight[0].numel(), weight)
         out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
-                              EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS)
+                              EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS, PER_SAMPLE_GROUPED_MIN_ELEMENTS, True)
         if out._is_view():
             # A Function's output that is a view (our reshape of the convolution's result) may not be
             # modified in place (e.g. by an in-place activation); the same memory without view
@@ -319,7 +336,8 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         a = attention.to(flat.dtype)
         matmul = uses_matmul(weight, stride, padding, dilation, groups)
         batch, rank = x.shape[0], x.dim() - 2
-        per_sample = convolves_per_sample(x, weight, stride, padding, dilation, matmul, PER_SAMPLE_MIN_POSITIONS)
+        per_sample = convolves_per_sample(x, weight, stride, padding, dilation, groups, matmul,
+                                          PER_SAMPLE_MIN_POSITIONS, PER_SAMPLE_GROUPED_MIN_ELEMENTS, True)
         chunk = chunk_size(batch, flat.shape[1], BACKWARD_CHUNK_ELEMENTS)
         buf = workspace(chunk * flat.shape[1], flat, 1)
         grad_out = grad_out.to(x.dtype)
@@ -423,10 +441,11 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
         x, weight, attention = x.to(dtype), weight.to(dtype), attention.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     buf: Optional[Tensor] = None
-    if not _needs_grad(x, weight, bias, attention):
+    training = _needs_grad(x, weight, bias, attention)
+    if not training:
         buf = workspace(chunk * weight[0].numel(), weight)
     return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
-                           EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS)
+                           EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS, PER_SAMPLE_GROUPED_MIN_ELEMENTS, training)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -224,17 +224,11 @@ class _Side:
 
     def calibrate(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
                   x: Tensor) -> None:
-        """Pick the faster memory format for ``figure`` (best of two runs after a warm-up)."""
+        """Pick the faster memory format for ``figure`` (interleaved medians of three runs after a warm-up)."""
         if len(self.formats) == 1:
             return
-        best = None
-        for fmt in self.formats:
-            fn = self.runner(figure, make_fn, x, fmt)
-            fn()
-            t = min(_timed(fn), _timed(fn))
-            if best is None or t < best[0]:
-                best = (t, fmt)
-        self.chosen[figure] = best[1]
+        medians = interleaved_medians({fmt: self.runner(figure, make_fn, x, fmt) for fmt in self.formats}, 3)
+        self.chosen[figure] = min(self.formats, key=lambda fmt: medians[fmt])
 
 
 def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Tensor,

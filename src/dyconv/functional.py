@@ -239,7 +239,9 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
 # writing per-sample kernels: when (output positions per sample) x (K - 1) is at most EXPERTS_MAX_POSITIONS,
 # since mixing costs about as much per kernel element as a few dozen multiply-adds of the convolution (deep
 # layers on small images). Among those, "unfold_experts" (matrix products) where the convolution's own kernels
-# are slow: at most UNFOLD_EXPERTS_MAX_POSITIONS output positions, or wide inputs (>= 256 channels).
+# are slow: at most UNFOLD_EXPERTS_MAX_POSITIONS output positions, or wide inputs (>= 256 channels); never for
+# 1x1 kernels, whose "experts" convolution is already one matrix product (at 4x4 outputs, batch 32, training:
+# "experts" 14-69 ms against "unfold_experts" 21-79 ms for MobileNetV2's 1x1 shapes).
 # Measured with benchmarks/mixing.py (training step; the thresholds were set from one-thread runs and checked with
 # two threads on the quiet machine, where it picks the fastest in 4 of 6 shapes, the others within 6 % and 17 %).
 EXPERTS_MAX_POSITIONS = 48
@@ -258,7 +260,8 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ``padding`` is the convolution's symmetric padding, one int per spatial dimension. In eager mode, for
     ungrouped layers at batch > 1 whose output is tiny (at most ``EXPERTS_MAX_POSITIONS / (K - 1)`` positions
     per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
-    ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels) or ``"experts"``; otherwise
+    ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1) or
+    ``"experts"``; otherwise
     ``"chunked"``. While tracing, exporting or compiling, only strategies without batch-size constants qualify.
     """
     batch_generic = False
@@ -272,7 +275,7 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
                 limits = _experts_limits()
             positions = output_positions(x, weight, stride, padding, dilation)
             if positions * (num_experts - 1) <= limits[0]:
-                if positions <= limits[1] or x.shape[1] >= 256:
+                if (positions <= limits[1] or x.shape[1] >= 256) and not kernel_is_one(weight):
                     return "unfold_experts"
                 return "experts"
         # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
