@@ -207,11 +207,14 @@ def test_per_sample_convolutions_for_large_outputs_only():
 @pytest.fixture
 def tiled(monkeypatch):
     """One-sample chunks and an expert-tile budget so small that the output channels split into tiles."""
-    monkeypatch.setattr(_chunked, "chunk_size", lambda batch, kernel_numel, budget: 1)
+    # one-sample chunks; within a tile, groups of two samples (mixed by one product, one convolution each)
+    chunks = (_chunked.FORWARD_CHUNK_ELEMENTS, _chunked.BACKWARD_CHUNK_ELEMENTS)
+    monkeypatch.setattr(_chunked, "chunk_size",
+                        lambda batch, kernel_numel, budget: 1 if budget in chunks else min(batch, 2))
     monkeypatch.setattr(_chunked, "EXPERT_TILE_ELEMENTS", 50)
     calls = []
     real = _chunked._tiled_forward
-    monkeypatch.setattr(_chunked, "_tiled_forward", lambda *args: calls.append(args[-3]) or real(*args))
+    monkeypatch.setattr(_chunked, "_tiled_forward", lambda *args: calls.append(args[7]) or real(*args))
     return calls
 
 
