@@ -123,7 +123,7 @@ def uses_matmul(weight: Tensor, stride: List[int], padding: List[int], dilation:
     return one and groups == 1 and not any([p != 0 for p in padding]) and all([s == 1 for s in stride])
 
 
-def _memory_order(weight: Tensor) -> List[int]:
+def memory_order(weight: Tensor) -> List[int]:
     """The permutation of ``weight``'s dims 1.. that is contiguous (identity unless e.g. channels_last)."""
     dims = list(range(1, weight.dim()))
     if weight.is_contiguous():
@@ -138,12 +138,12 @@ def _memory_order(weight: Tensor) -> List[int]:
     return order
 
 
-def _flat_experts(weight: Tensor, order: List[int]) -> Tensor:
+def flat_experts(weight: Tensor, order: List[int]) -> Tensor:
     """``weight`` as ``(K, kernel numel)`` in memory order: a view, never a copy of the K kernels."""
     return weight.permute([0] + order).reshape(weight.shape[0], -1)
 
 
-def _unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
+def unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
     """Rows of ``flat`` (memory order of ``weight``) back to ``(rows, *weight.shape[1:])``, same strides."""
     permuted = flat.reshape([flat.shape[0]] + [weight.shape[d] for d in order])
     inverse = [0] * weight.dim()
@@ -154,9 +154,9 @@ def _unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
 
 def _mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: Optional[Tensor] = None) -> Tensor:
     if buf is None:
-        return _unflatten(torch.mm(attention, flat), weight, order)
+        return unflatten(torch.mm(attention, flat), weight, order)
     out = buf[: attention.shape[0] * flat.shape[1]].view(attention.shape[0], flat.shape[1])
-    return _unflatten(torch.mm(attention, flat, out=out), weight, order)
+    return unflatten(torch.mm(attention, flat, out=out), weight, order)
 
 
 def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> int:
@@ -240,8 +240,8 @@ def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention
     :data:`PER_SAMPLE_MIN_POSITIONS`, :data:`PER_SAMPLE_GROUPED_MIN_ELEMENTS` (arguments because TorchScript
     reads no globals). ``training``: whether this forward is part of a training step (for that choice).
     """
-    order = _memory_order(weight)
-    flat = _flat_experts(weight, order)
+    order = memory_order(weight)
+    flat = flat_experts(weight, order)
     a = attention.to(flat.dtype)
     matmul = uses_matmul(weight, stride, padding, dilation, groups)
     batch = x.shape[0]
@@ -334,8 +334,8 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
         bias = bias if ctx.has_bias else None
-        order = _memory_order(weight)
-        flat = _flat_experts(weight, order)
+        order = memory_order(weight)
+        flat = flat_experts(weight, order)
         a = attention.to(flat.dtype)
         matmul = uses_matmul(weight, stride, padding, dilation, groups)
         batch, rank = x.shape[0], x.dim() - 2
@@ -397,7 +397,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
                     grad_bias.addmm_(a_c.t(), g_bias)
                 if grad_a is not None:
                     grad_a[start:end] += torch.mm(g_bias, bias.t())
-        grad_weight = _unflatten(grad_flat, weight, order) if grad_flat is not None else None
+        grad_weight = unflatten(grad_flat, weight, order) if grad_flat is not None else None
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)
         return grad_x, grad_weight, grad_bias, grad_a, None, None, None, None, None

@@ -99,24 +99,31 @@ class _DynamicConvNd(nn.Module):
 
         Exactly the ``"chunked"`` strategy's computation for a one-sample batch (aggregate-then-convolve) without
         its general bookkeeping, which at batch 1 costs more than small layers' convolutions. Used only in eager
-        mode without gradients, autocast, tracing, export or compilation, for zero symmetric padding and
-        contiguous kernels whose dtype matches the input's.
+        mode without gradients, autocast, tracing, export or compilation, for zero symmetric padding and kernels
+        whose dtype matches the input's. The kernel is mixed in the experts' memory order (contiguous or
+        channels_last), so it has their layout.
         """
         weight = self.weight
         padding = getattr(self, "_conv_padding", None)  # modules pickled before it existed lack it
-        if (padding is None or x.dtype != weight.dtype or not weight.is_contiguous()
-                or _chunked.autocast_dtype(x.device.type) is not None):
+        if padding is None or x.dtype != weight.dtype or _chunked.autocast_dtype(x.device.type) is not None:
             return None
         attention = self.attention(x)
-        flat = weight.reshape(weight.shape[0], -1)
+        order = _chunked.memory_order(weight)
+        flat = _chunked.flat_experts(weight, order)
         buf = _chunked.workspace(flat.shape[1], weight)
         if buf is None:
             mixed = torch.mm(attention, flat)
         else:
-            mixed = torch.mm(attention, flat, out=buf.view(1, -1))
+            # on the CPU, a scaled copy and K - 1 scaled in-place adds stream the experts about twice as fast as
+            # torch.mm's (1 x K) @ (K x N) (3x3 512->512: 2.5 against 4.5 ms, 2 threads); the Python floats cost
+            # no synchronisation there
+            weights = attention[0].tolist()
+            mixed = torch.mul(flat[0], weights[0], out=buf)
+            for k in range(1, len(weights)):
+                mixed.add_(flat[k], alpha=weights[k])
+        kernel = _chunked.unflatten(mixed.view(1, -1), weight, order)[0]
         bias = None if self.bias is None else torch.mm(attention, self.bias).view(-1)
-        return _functional.conv(x, mixed.view(weight.shape[1:]), bias, self.stride, padding,
-                                self.dilation, self.groups)
+        return _functional.conv(x, kernel, bias, self.stride, padding, self.dilation, self.groups)
 
     def _apply(self, fn, recurse=True):
         # model.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and refuses a
