@@ -113,10 +113,12 @@ class _DynamicConvNd(nn.Module):
         buf = _chunked.workspace(flat.shape[1], weight)
         if buf is None:
             mixed = torch.mm(attention, flat)
+        elif flat.shape[1] < (1 << 18):
+            mixed = torch.mm(attention, flat, out=buf.view(1, -1))
         else:
-            # on the CPU, a scaled copy and K - 1 scaled in-place adds stream the experts about twice as fast as
-            # torch.mm's (1 x K) @ (K x N) (3x3 512->512: 2.5 against 4.5 ms, 2 threads); the Python floats cost
-            # no synchronisation there
+            # large kernels on the CPU: a scaled copy and K - 1 scaled in-place adds stream the experts about twice
+            # as fast as torch.mm's (1 x K) @ (K x N) (3x3 512->512: 2.7 against 5.0 ms, 2 threads; slower than mm
+            # below about 2^18 elements, where the extra calls cost more); Python floats cost no synchronisation
             weights = attention[0].tolist()
             mixed = torch.mul(flat[0], weights[0], out=buf)
             for k in range(1, len(weights)):
