@@ -379,6 +379,28 @@ def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, m
     assert not used
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, monkeypatch):
+    """Kernels of >= 2^18 elements are mixed by scaled adds instead of mm; channels_last experts in their order;
+    the one-sample attention uses matrix-vector products. All against the reference, and the attention equals
+    the batched computation's."""
+    layer = DynamicConv2d(64, 512, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
+    x = torch.randn(1, 64, 5, 4, dtype=torch.float64)
+    biases = 1  # the K biases are mixed by one mm
+    ref = per_sample_reference(layer, x)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not layer.weight.is_contiguous()
+    mms = []
+    monkeypatch.setattr(torch, "mm", _spy(torch.mm, mms))
+    with torch.no_grad():
+        out = layer(x)
+        torch.testing.assert_close(layer.attention(x), layer.attention(torch.cat([x, x]))[:1], **TOL[torch.float64])
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    assert len(mms) == biases  # neither the kernels' mixing nor the attention went through a matrix product
+
+
 def _spy(fn, calls):
     def wrapped(*args):
         calls.append(1)

@@ -59,6 +59,11 @@ PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 18
 
 _workspaces = threading.local()
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
+except ImportError:  # pragma: no cover - present in every supported PyTorch
+    _dispatch_mode_stack = None
+
 
 @torch.jit.unused
 def workspace(numel: int, like: Tensor, slot: int = 0) -> Optional[Tensor]:
@@ -467,6 +472,13 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
     if bias is not None and bias.requires_grad:
         return True
     return x.requires_grad or weight.requires_grad or attention.requires_grad
+
+
+@torch.jit.unused
+def python_dispatch_active() -> bool:
+    """Whether a Python dispatch mode (e.g. ``FlopCounterMode``, which :func:`dyconv.profile` uses) sees the ops:
+    then the one-sample shortcuts, whose ops such a mode may not count, stay off."""
+    return _dispatch_mode_stack is not None and len(_dispatch_mode_stack()) > 0
 
 
 def tracing_exporting_or_compiling() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._chunked import tracing_exporting_or_compiling
+from ._chunked import python_dispatch_active, tracing_exporting_or_compiling
 
 
 class ExpertAttention(nn.Module):
@@ -32,8 +32,10 @@ class ExpertAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dims = [i for i in range(2, x.dim())]
         recording = False
+        one_sample = False
         if not torch.jit.is_scripting():
             recording = tracing_exporting_or_compiling()
+            one_sample = not recording and x.shape[0] == 1 and not python_dispatch_active()
         if not recording:
             # the mean's 1/n folded into fc1's product: one op fewer per call, and backward expands the pooled
             # gradient instead of writing an input-sized quotient (``mean``'s backward)
@@ -42,7 +44,7 @@ class ExpertAttention(nn.Module):
                 positions *= x.shape[i]
             summed = x.sum(dims)
             scale = 1.0 / max(positions, 1)
-            if x.shape[0] == 1:
+            if one_sample:
                 # one sample: matrix-vector products (on the CPU a one-row matrix product costs 3-7x more)
                 hidden = torch.relu(torch.addmv(self.fc1.bias, self.fc1.weight, summed[0], alpha=scale))
                 return torch.addmv(self.fc2.bias, self.fc2.weight, hidden).unsqueeze(0)

@@ -113,7 +113,7 @@ class _DynamicConvNd(nn.Module):
         buf = _chunked.workspace(flat.shape[1], weight)
         if buf is None:
             mixed = torch.mm(attention, flat)
-        elif flat.shape[1] < (1 << 18):
+        elif flat.shape[1] < (1 << 18) or _chunked.python_dispatch_active():
             mixed = torch.mm(attention, flat, out=buf.view(1, -1))
         else:
             # large kernels on the CPU: a scaled copy and K - 1 scaled in-place adds stream the experts about twice
