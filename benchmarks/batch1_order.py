@@ -4,7 +4,9 @@
 
 `dyconv bench` calls the sides in one fixed order (static, dyconv, naive) and the naive side shares the dyconv
 layer's parameters, so the side that runs second may find the experts in cache. This prints the ratios to static
-for both orders, and for a dyconv layer with its own parameters, as medians of 15 interleaved rounds (2 threads).
+for both orders, and for a dyconv layer with its own parameters, as medians of 15 interleaved rounds (2 threads),
+first as the sides run one after the other, then with two untimed calls of a side just before each of its
+timed calls (what `dyconv bench` does for its batch-1 figures: ``interleaved_medians(..., settle=2)``).
 """
 
 import torch
@@ -30,11 +32,12 @@ def main() -> None:
         x = torch.randn(1, channels, size, size)
         fns = {"static": _inference(conv, x), "dyconv": _inference(dy, x),
                "naive": _inference(NaiveDynamicConv2d(dy).eval(), x), "dyconv, own parameters": _inference(own, x)}
-        for order in (("static", "dyconv", "naive"), ("static", "naive", "dyconv"),
-                      ("static", "dyconv, own parameters", "naive")):
-            r = interleaved_medians({k: fns[k] for k in order}, 15)
-            print(f"3x3 {channels}->{channels} @{size}, order {' / '.join(order)}: "
-                  + ", ".join(f"{k} {r[k] / r['static']:.2f}x" for k in order[1:]), flush=True)
+        for settle, how in ((0, ""), (2, ", each side settled")):
+            for order in (("static", "dyconv", "naive"), ("static", "naive", "dyconv"),
+                          ("static", "dyconv, own parameters", "naive")):
+                r = interleaved_medians({k: fns[k] for k in order}, 15, settle=settle)
+                print(f"3x3 {channels}->{channels} @{size}{how}, order {' / '.join(order)}: "
+                      + ", ".join(f"{k} {r[k] / r['static']:.2f}x" for k in order[1:]), flush=True)
 
 
 if __name__ == "__main__":

@@ -168,14 +168,23 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, the functions called in turn ``repeats`` times after ``warmup``."""
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                        settle: int = 0) -> dict[str, float]:
+    """Median seconds of each function, the functions called in turn ``repeats`` times after ``warmup``.
+
+    ``settle``: untimed calls of a function just before each of its timed calls, so that it is timed in its own
+    steady state (caches, allocator) rather than in the state the previous side left. Batch-1 figures need it:
+    without it a side measures up to 3x slower when it follows a side that allocated and freed a large kernel
+    (benchmarks/batch1_order.py).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             times[name].append(_timed(fn))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -241,7 +250,8 @@ def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Te
             side.train(False)
             side.calibrate(figure, _infer, inputs[figure])
         fns = {name: side.runner(figure, _infer, inputs[figure]) for name, side in sides.items()}
-        for name, t in interleaved_medians(fns, repeats).items():
+        settle = 2 if figure == "b1" else 0
+        for name, t in interleaved_medians(fns, repeats, settle=settle).items():
             out[name][figure] = t
     train_fns = {}
     for name, side in sides.items():
