@@ -131,6 +131,7 @@ def per_sample(rounds: int) -> None:
                             layer.to(memory_format=memory_format)
                             if threshold is not None:
                                 _chunked.PER_SAMPLE_MIN_POSITIONS = threshold
+                                _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
                             if mode == "training":
                                 layer(x).sum().backward()
                             else:
@@ -141,11 +142,11 @@ def per_sample(rounds: int) -> None:
                     fns[f"static {fmt}"] = call(s)
                     fns[f"groups {fmt}"] = call(d, threshold=10**9)
                     fns[f"per-sample {fmt}"] = call(d, threshold=1)
-                default = _chunked.PER_SAMPLE_MIN_POSITIONS
+                defaults = _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS
                 try:
                     r = interleaved(fns, rounds)
                 finally:
-                    _chunked.PER_SAMPLE_MIN_POSITIONS = default
+                    _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
                 best = min(r["static C"], r["static CL"])
                 print(f"  {name} @{size} {mode}: static {best:.1f}; " + ", ".join(
                     f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
