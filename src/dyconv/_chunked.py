@@ -51,7 +51,7 @@ BACKWARD_CHUNK_ELEMENTS = 1 << 21
 EXPERT_TILE_ELEMENTS = 1 << 21
 # Output positions per sample from which each sample of a chunk gets its own convolution (with the layer's own
 # groups) instead of the chunk folded into the groups: a convolution with batch x groups groups is slower than
-# per-sample dense ones where each sample's output is large (benchmarks/mixing.py, third table).
+# per-sample dense ones where each sample's output is large (benchmarks/mixing.py --part per-sample).
 PER_SAMPLE_MIN_POSITIONS = 512
 # ... and for grouped (e.g. depthwise) layers without gradients, at least this many input elements per sample
 # (below it the folded convolution is faster there: depthwise 3x3 on 32 x 56² or 192 x 28², batch 32).
@@ -289,7 +289,7 @@ def _tiled_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor,
     """Output-channel tiles outer, samples inner: each tile's K experts are read from memory once per group of
     samples whose tile kernels fill one sample's kernel size (the workspace's size); each group is one
     convolution with the group folded into the groups. (Mixing one sample per read re-read the tile from memory
-    for every sample: the `dyconv bench` row 3x3 512->512 @7, batch 32, went from 4.7-5.8x static to about 3x.)"""
+    for every sample: the `dyconv bench` row 3x3 512->512 @7, batch 32, went from 4.7-5.8x static to 3.3-3.6x.)"""
     out_channels = weight.shape[1]
     step = (out_channels + tiles - 1) // tiles
     batch = x.shape[0]
@@ -312,6 +312,8 @@ def _tiled_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor,
             outs.append(_conv_chunk(x[start:end], mixed, bi, stride, padding, dilation, 1, matmul))
         pieces.append(torch.cat(outs, 0))
     return torch.cat(pieces, 1)
+
+
 class _ChunkedDynamicConv(torch.autograd.Function):
     """Forward as :func:`chunked_forward`; backward recomputes each chunk's kernels instead of keeping them."""
 
