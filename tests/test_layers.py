@@ -277,17 +277,22 @@ def test_channels_last(kernel_size, groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast(dtype):
-    if dtype == torch.float16 and not torch.cuda.is_available():
-        device = "cpu"
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("input_dtype", ["float32", "autocast"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast(dtype, batch, input_dtype, grad):
+    """Under autocast, with float32 input or input already in the autocast dtype (what a preceding autocast
+    layer hands on), at batch 1 (the one-sample shortcuts) and batch 4, with and without gradients."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = DynamicConv2d(8, 16, 3, padding=1, device=device)
-    x = torch.randn(4, 8, 10, 10, device=device)
     try:
         with torch.autocast(device_type=device, dtype=dtype):
-            out = layer(x)
+            torch.nn.functional.linear(torch.ones(1, 2, device=device), torch.ones(2, 2, device=device))
     except RuntimeError as err:  # pragma: no cover - an autocast dtype the device lacks
         pytest.skip(str(err))
+    layer = DynamicConv2d(8, 16, 3, padding=1, device=device)
+    x = torch.randn(batch, 8, 10, 10, device=device)
+    with torch.autocast(device_type=device, dtype=dtype), torch.set_grad_enabled(grad):
+        out = layer(x if input_dtype == "float32" else x.to(dtype))
     assert out.dtype == dtype
     ref = per_sample_reference(layer.double(), x.double()).float()
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])

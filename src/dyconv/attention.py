@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._chunked import python_dispatch_active, tracing_exporting_or_compiling
+from ._chunked import autocast_dtype, python_dispatch_active, tracing_exporting_or_compiling
 
 
 class ExpertAttention(nn.Module):
@@ -35,7 +35,9 @@ class ExpertAttention(nn.Module):
         one_sample = False
         if not torch.jit.is_scripting():
             recording = tracing_exporting_or_compiling()
-            one_sample = not recording and x.shape[0] == 1 and not python_dispatch_active()
+            # (not under autocast, which casts addmm's inputs but not addmv's, nor for mixed dtypes)
+            one_sample = (not recording and x.shape[0] == 1 and x.dtype == self.fc1.weight.dtype
+                          and autocast_dtype(x.device.type) is None and not python_dispatch_active())
         if not recording:
             # the mean's 1/n folded into fc1's product: one op fewer per call, and backward expands the pooled
             # gradient instead of writing an input-sized quotient (``mean``'s backward)
