@@ -110,20 +110,7 @@ class _DynamicConvNd(nn.Module):
         attention = self.attention(x)
         order = _chunked.memory_order(weight)
         flat = _chunked.flat_experts(weight, order)
-        buf = _chunked.workspace(flat.shape[1], weight)
-        if buf is None:
-            mixed = torch.mm(attention, flat)
-        elif flat.shape[1] < (1 << 18) or _chunked.python_dispatch_active():
-            mixed = torch.mm(attention, flat, out=buf.view(1, -1))
-        else:
-            # large kernels on the CPU: a scaled copy and K - 1 scaled in-place adds stream the experts about twice
-            # as fast as torch.mm's (1 x K) @ (K x N) (3x3 512->512: 2.7 against 5.0 ms, 2 threads; slower than mm
-            # below about 2^18 elements, where the extra calls cost more); Python floats cost no synchronisation
-            weights = attention[0].tolist()
-            mixed = torch.mul(flat[0], weights[0], out=buf)
-            for k in range(1, len(weights)):
-                mixed.add_(flat[k], alpha=weights[k])
-        kernel = _chunked.unflatten(mixed.view(1, -1), weight, order)[0]
+        kernel = _chunked.mix(attention, flat, weight, order, _chunked.workspace(flat.shape[1], weight))[0]
         bias = None if self.bias is None else torch.mm(attention, self.bias).view(-1)
         return _functional.conv(x, kernel, bias, self.stride, padding, self.dilation, self.groups)
 
