@@ -176,8 +176,9 @@ def mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: 
 @torch.jit.unused
 def _scaled_adds(attention: Tensor, flat: Tensor, out: Tensor) -> Tensor:
     """One row ``attention @ flat`` into ``out`` by a scaled copy and K - 1 scaled in-place adds: on the CPU this
-    streams the experts about twice as fast as ``torch.mm``'s (1 x K) @ (K x N) (3x3 512->512: 2.7 against
-    5.0 ms, 2 threads), and is slower below about 2^18 elements, where the extra calls cost more. ``buf`` (and
+    streams the experts faster than ``torch.mm``'s (1 x K) @ (K x N) for large kernels (3x3 512->512: 2.5 against
+    3.7 ms, 2 threads; benchmarks/batch1_parts.py), and is slower below about 2^18 elements, where the extra calls
+    cost more. ``buf`` (and
     so this path) exists only on the CPU, where reading the weights as Python floats costs no synchronisation."""
     weights = attention[0].tolist()
     row = torch.mul(flat[0], weights[0], out=out[0])

@@ -47,7 +47,7 @@ class ExpertAttention(nn.Module):
             summed = x.sum(dims)
             scale = 1.0 / max(positions, 1)
             if one_sample:
-                # one sample: matrix-vector products (on the CPU a one-row matrix product costs 3-7x more)
+                # one sample: matrix-vector products, cheaper than one-row matrix products (benchmarks/batch1_parts.py)
                 hidden = torch.relu(torch.addmv(self.fc1.bias, self.fc1.weight, summed[0], alpha=scale))
                 return torch.addmv(self.fc2.bias, self.fc2.weight, hidden).unsqueeze(0)
             hidden = torch.addmm(self.fc1.bias, summed, self.fc1.weight.t(), alpha=scale)

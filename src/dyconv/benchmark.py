@@ -363,7 +363,8 @@ def format_table(rows: Sequence[dict], batch_size: int = 32) -> str:
 
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['implementation']} | {r['b1_ratio']:.2f}× ({r['b1_static_ms']:.1f} ms) {fmt(r, 'b1')} "
+            f"| {r['name']} | {r['implementation']} | {r['b1_ratio']:.2f}× ({r['b1_static_ms']:.1f} ms) "
+            f"{fmt(r, 'b1')} "
             f"| {r['batch_ratio']:.2f}× ({r['batch_static_ms']:.0f} ms) {fmt(r, 'batch')} | {r['train_ratio']:.2f}× "
             f"({r['train_static_ms']:.0f} ms) {fmt(r, 'train')} | {r['memory_ratio']:.2f}× "
             f"({r['memory_static_mb']:.0f} MB) |")

@@ -164,8 +164,8 @@ class _DynamicConvNd(nn.Module):
         self._check_input(x, allow_unbatched=True)
         if not torch.jit.is_scripting():
             # the recording checks first: a trace or torch.compile must not see (and guard on) the batch size
-            if (not torch.is_grad_enabled() and self.strategy == "auto" and not _chunked.tracing_exporting_or_compiling()
-                    and x.shape[0] == 1 and x.dim() == self._rank + 2):
+            if (not torch.is_grad_enabled() and self.strategy == "auto"
+                    and not _chunked.tracing_exporting_or_compiling() and x.shape[0] == 1 and x.dim() == self._rank + 2):
                 out = self._infer_one(x)
                 if out is not None:
                     return out
