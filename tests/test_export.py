@@ -114,6 +114,24 @@ def test_onnx_whole_network_any_batch(dynamo, tmp_path):
     export_and_check(model, shape, tmp_path, dynamo=dynamo)
 
 
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_every_onnx_exporter_is_seen_as_recording(dynamo, tmp_path):
+    """The layers detect an export by tracing or compiling alone (``torch.onnx.is_in_onnx_export`` costs two
+    imports per call on the hot path), so both ONNX exporters must show as one of the two."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(dyconv._chunked.tracing_exporting_or_compiling())
+            return x * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Probe(), (torch.randn(2, 3),), str(tmp_path / "probe.onnx"), dynamo=dynamo)
+    assert seen and all(seen)
+    assert not dyconv._chunked.tracing_exporting_or_compiling()
+
+
 def test_batch_constant_check_catches_batch_folding(tmp_path):
     """The check can fail: the batch-as-groups strategy, forced, bakes the batch into the graph."""
     model = layer_stack(2, strategy="groups")[:6]  # strided dense, depthwise, pointwise

@@ -386,29 +386,138 @@ def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, m
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, monkeypatch):
-    """Kernels of >= 2^18 elements are mixed by scaled adds instead of mm; channels_last experts in their order;
-    the one-sample attention uses matrix-vector products. All against the reference, and the attention equals
-    the batched computation's."""
+    """Kernels of >= 2^18 elements are mixed by scaled adds; channels_last experts in their order; the one-sample
+    path uses matrix-vector products (attention, bias) and no matrix product. All against the reference, and the
+    attention equals the batched computation's."""
     layer = DynamicConv2d(64, 512, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
+    assert layer.weight[0].numel() >= dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS
     x = torch.randn(1, 64, 5, 4, dtype=torch.float64)
-    biases = 1  # the K biases are mixed by one mm
     ref = per_sample_reference(layer, x)
     if channels_last:
         layer = layer.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         assert not layer.weight.is_contiguous()
-    mms = []
+    mms, mvs, muls = [], [], []
     monkeypatch.setattr(torch, "mm", _spy(torch.mm, mms))
+    monkeypatch.setattr(torch, "mv", _spy(torch.mv, mvs))
+    monkeypatch.setattr(torch, "mul", _spy(torch.mul, muls))
     with torch.no_grad():
         out = layer(x)
+    assert not mms and len(mvs) == 1 and len(muls) == 1  # bias by mv; kernel by one scaled copy (and adds)
+    with torch.no_grad():
         torch.testing.assert_close(layer.attention(x), layer.attention(torch.cat([x, x]))[:1], **TOL[torch.float64])
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
-    assert len(mms) == biases  # neither the kernels' mixing nor the attention went through a matrix product
+
+
+def _one_sample_plans():
+    return getattr(dyconv._chunked.thread_state(), "one_sample_plans", {})
+
+
+def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
+    """The batch-1 path reuses its views (experts, workspace viewed as the kernel) between calls, sees in-place
+    parameter updates through them, and rebuilds them when a parameter, its layout or the workspace is replaced."""
+    layer = DynamicConv2d(6, 8, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
+    x = torch.randn(1, 6, 7, 5, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            out = layer(x)
+        torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+        return _one_sample_plans()[layer]
+
+    plan = check()
+    assert check() is plan  # reused
+    workspace = dyconv._chunked.workspace_base(1, layer.weight)
+    assert plan.kernel.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
+    with torch.no_grad():  # in place (an optimizer step): the same views see it
+        layer.weight.mul_(-2.0)
+        layer.bias.add_(1.0)
+    assert check() is plan
+    layer.weight.data = torch.randn_like(layer.weight)  # replaced storage
+    assert check() is not plan
+    plan = check()
+    layer.load_state_dict(DynamicConv2d(6, 8, 3, padding=1, num_experts=3, dtype=torch.float64).state_dict())
+    plan = check()  # copied in place; the temperature's reciprocal is read again
+    dyconv.set_temperature(layer, 5.0)
+    assert check() is not plan
+    plan = check()
+    layer.to(memory_format=torch.channels_last)  # replaced, new strides
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert check() is not plan
+    plan = check()
+    dyconv._chunked.workspace(10**6, layer.weight)  # a larger request replaces the workspace
+    assert check() is not plan
+    dyconv._chunked.clear_workspaces()
+    assert layer not in _one_sample_plans()
+    check()
+    assert dyconv._chunked.workspace_bytes() > 0
+    copy.deepcopy(layer)  # the views live outside the module
+    pickle.loads(pickle.dumps(layer))
+
+
+def test_one_sample_path_respects_hooks_parametrizations_and_pruning():
+    """Where the layer's members are not plain (hooks on the attention, a parametrized or pruned weight), batch-1
+    inference still equals the reference and still calls the hooks."""
+    from torch.nn.utils import parametrize, prune
+
+    layer = DynamicConv2d(6, 8, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
+    x = torch.randn(1, 6, 7, 5, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            out = layer(x)
+            torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+
+    check()  # the lean path's views exist now; hooks added later must still run
+    for register in (layer.router.register_forward_hook, layer.router.register_forward_pre_hook):
+        calls = []
+        handle = register(lambda *args: calls.append(1))
+        check()
+        assert calls, register.__name__
+        handle.remove()
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    check()
+    parametrize.remove_parametrizations(layer, "weight")
+    check()
+    prune.random_unstructured(layer.router.fc2, "weight", amount=0.5)
+    check()
+    prune.remove(layer.router.fc2, "weight")
+    check()
+
+
+def test_one_sample_path_in_several_threads():
+    """Each thread mixes into its own workspace: the same layer at batch 1 in two threads at once stays exact."""
+    import threading
+
+    layer = DynamicConv2d(16, 32, 3, padding=1, num_experts=4, temperature=2.0, dtype=torch.float64).eval()
+    inputs = [torch.randn(1, 16, 9, 9, dtype=torch.float64) for _ in range(2)]
+    refs = [per_sample_reference(layer, x) for x in inputs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(50):
+                with torch.no_grad():
+                    torch.testing.assert_close(layer(inputs[i]), refs[i], **TOL[torch.float64])
+        except Exception as err:  # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 def _spy(fn, calls):
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         calls.append(1)
-        return fn(*args)
+        return fn(*args, **kwargs)
 
     return wrapped

@@ -59,10 +59,9 @@ PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 18
 
 _workspaces = threading.local()
 
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
-except ImportError:  # pragma: no cover - present in every supported PyTorch
-    _dispatch_mode_stack = None
+# the number of Python dispatch modes in effect (what torch.utils._python_dispatch._get_current_dispatch_mode_stack
+# builds its list from; asked on every layer call at batch 1)
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
 @torch.jit.unused
@@ -72,25 +71,46 @@ def workspace(numel: int, like: Tensor, slot: int = 0) -> Optional[Tensor]:
     One buffer per thread, device, dtype and ``slot``; it grows to the largest request and is never handed
     out twice at once within a slot. Callers must be done with it before asking for the same slot again.
     """
+    buf = workspace_base(numel, like, slot)
+    if buf is None:
+        return None
+    return buf[:numel]
+
+
+@torch.jit.unused
+def workspace_base(numel: int, like: Tensor, slot: int = 0) -> Optional[Tensor]:
+    """The whole buffer behind :func:`workspace` (at least ``numel`` elements; ``None`` off the CPU). It is
+    replaced when a larger request comes, so holders of views into it compare it with ``is`` before reuse."""
     if like.device.type != "cpu":
         return None  # the CUDA caching allocator already reuses memory
     cache: Optional[Dict[Tuple[torch.device, torch.dtype, int], Tensor]] = getattr(_workspaces, "cache", None)
     if cache is None:
         cache = {}
         _workspaces.cache = cache
-    key = (like.device, like.dtype, slot)
+    key = workspace_key(like, slot)
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
         # a normal tensor even under torch.inference_mode: an inference tensor could not be written outside it
         with torch.inference_mode(False):
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
         cache[key] = buf
-    return buf[:numel]
+    return buf
+
+
+def workspace_key(like: Tensor, slot: int = 0) -> Tuple[torch.device, torch.dtype, int]:
+    """The key of ``like``'s workspace in the thread's cache (``thread_state().cache``)."""
+    return (like.device, like.dtype, slot)
+
+
+def thread_state() -> threading.local:
+    """This thread's mixing state: the workspaces, and whatever else holds views into them (cleared together
+    by :func:`clear_workspaces`)."""
+    return _workspaces
 
 
 def clear_workspaces() -> None:
-    """Free this thread's mixing workspaces (they are otherwise kept for reuse)."""
-    _workspaces.cache = {}
+    """Free this thread's mixing workspaces (they are otherwise kept for reuse), and the views kept into them."""
+    _workspaces.__dict__.clear()
 
 
 def workspace_bytes() -> int:
@@ -503,11 +523,13 @@ def _needs_grad(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Te
 def python_dispatch_active() -> bool:
     """Whether a Python dispatch mode (e.g. ``FlopCounterMode``, which :func:`dyconv.profile` uses) sees the ops:
     then the one-sample shortcuts, whose ops such a mode may not count, stay off."""
-    return _dispatch_mode_stack is not None and len(_dispatch_mode_stack()) > 0
+    return _dispatch_stack_len is not None and _dispatch_stack_len() > 0
 
 
 def tracing_exporting_or_compiling() -> bool:
-    """Whether a trace, an ONNX export or ``torch.compile`` is recording this call."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    return torch.compiler.is_compiling()
+    """Whether a trace, an export (``torch.export``, ONNX) or ``torch.compile`` is recording this call.
+
+    Every ONNX exporter records by tracing (the TorchScript-based one) or by ``torch.export`` (the dynamo-based
+    one, where ``is_compiling`` holds), so ``torch.onnx.is_in_onnx_export()``, which costs two imports per call
+    on every layer's hot path, is not asked (tests/test_export.py checks both exporters)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()

@@ -32,26 +32,42 @@ class ExpertAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dims = [i for i in range(2, x.dim())]
         recording = False
-        one_sample = False
         if not torch.jit.is_scripting():
             recording = tracing_exporting_or_compiling()
-            # (not under autocast, which casts addmm's inputs but not addmv's, nor for mixed dtypes)
-            one_sample = (not recording and x.shape[0] == 1 and x.dtype == self.fc1.weight.dtype
-                          and autocast_dtype(x.device.type) is None and not python_dispatch_active())
+            if not recording and x.shape[0] == 1 and self.accepts_one_sample(x):
+                return self.one_sample(x).unsqueeze(0)
         if not recording:
             # the mean's 1/n folded into fc1's product: one op fewer per call, and backward expands the pooled
             # gradient instead of writing an input-sized quotient (``mean``'s backward)
             positions = 1
             for i in dims:
                 positions *= x.shape[i]
-            summed = x.sum(dims)
-            scale = 1.0 / max(positions, 1)
-            if one_sample:
-                # one sample: matrix-vector products, cheaper than one-row matrix products (benchmarks/batch1_parts.py)
-                hidden = torch.relu(torch.addmv(self.fc1.bias, self.fc1.weight, summed[0], alpha=scale))
-                return torch.addmv(self.fc2.bias, self.fc2.weight, hidden).unsqueeze(0)
-            hidden = torch.addmm(self.fc1.bias, summed, self.fc1.weight.t(), alpha=scale)
+            hidden = torch.addmm(self.fc1.bias, x.sum(dims), self.fc1.weight.t(), alpha=1.0 / max(positions, 1))
         else:  # traces and exports keep the plain mean, whose graph needs no spatial size
             hidden = self.fc1(x.mean(dims))
         return self.fc2(torch.relu(hidden))
 
+    @torch.jit.unused
+    def accepts_one_sample(self, x: Tensor) -> bool:
+        """Whether :meth:`one_sample` may compute ``x``'s logits: not under autocast (which casts ``addmm``'s
+        inputs but not ``addmv``'s), nor for another dtype than the linear layers', nor under a Python dispatch
+        mode (``FlopCounterMode``, which :func:`dyconv.profile` uses, does not count ``addmv``)."""
+        dtype = x.dtype
+        if self.fc1.weight.dtype != dtype or self.fc2.weight.dtype != dtype:
+            return False
+        return autocast_dtype(x.device.type) is None and not python_dispatch_active()
+
+    @torch.jit.unused
+    def one_sample(self, x: Tensor) -> Tensor:
+        """The logits ``(K,)`` of a one-sample batch ``(1, C, *spatial)`` (where :meth:`accepts_one_sample`)."""
+        return one_sample_logits(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+
+
+@torch.jit.unused
+def one_sample_logits(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale`` × the attention's logits ``(K,)`` for a one-sample batch ``x`` ``(1, C, *spatial)``, with fc1's
+    and fc2's weights and biases: matrix-vector products, cheaper than one-row matrix products
+    (``benchmarks/batch1_parts.py``), the mean's 1/n and ``scale`` as the products' scalars (no extra operation)."""
+    summed = x.sum([0] + [i for i in range(2, x.dim())])
+    hidden = torch.relu_(torch.addmv(b1, w1, summed, alpha=1.0 / max(x.numel() // x.shape[1], 1)))
+    return torch.addmv(b2, w2, hidden, beta=scale, alpha=scale)

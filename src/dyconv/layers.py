@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from . import _args
 from .attention import ExpertAttention
-from . import _chunked
-from . import functional as _functional
+from . import _chunked, _one_sample
 from .functional import STRATEGIES, dynamic_conv
 
 
@@ -97,22 +96,17 @@ class _DynamicConvNd(nn.Module):
     def _infer_one(self, x: Tensor) -> Optional[Tensor]:
         """Inference on one sample with little dispatch: mix the kernel, convolve (``None``: not applicable).
 
-        Exactly the ``"chunked"`` strategy's computation for a one-sample batch (aggregate-then-convolve) without
-        its general bookkeeping, which at batch 1 costs more than small layers' convolutions. Used only in eager
-        mode without gradients, autocast, tracing, export or compilation, for zero symmetric padding and kernels
-        whose dtype matches the input's. The kernel is mixed in the experts' memory order (contiguous or
-        channels_last), so it has their layout.
+        Exactly the ``"chunked"`` strategy's computation for a one-sample batch (aggregate-then-convolve) with as
+        few operations as possible (:mod:`dyconv._one_sample`): at batch 1 the general bookkeeping costs more than
+        small layers' convolutions. Used only in eager mode without gradients, autocast, tracing, export,
+        compilation or a Python dispatch mode, for zero symmetric padding and parameters whose dtype matches the
+        input's. The kernel is mixed in the experts' memory order (contiguous or channels_last), so it has their
+        layout.
         """
-        weight = self.weight
         padding = getattr(self, "_conv_padding", None)  # modules pickled before it existed lack it
-        if padding is None or x.dtype != weight.dtype or _chunked.autocast_dtype(x.device.type) is not None:
+        if padding is None:
             return None
-        attention = self.attention(x)
-        order = _chunked.memory_order(weight)
-        flat = _chunked.flat_experts(weight, order)
-        kernel = _chunked.mix(attention, flat, weight, order, _chunked.workspace(flat.shape[1], weight))[0]
-        bias = None if self.bias is None else torch.mm(attention, self.bias).view(-1)
-        return _functional.conv(x, kernel, bias, self.stride, padding, self.dilation, self.groups)
+        return _one_sample.infer(self, x, self.stride, padding, self.dilation, self.groups)
 
     def _apply(self, fn, recurse=True):
         # model.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and refuses a

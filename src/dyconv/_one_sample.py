@@ -1,0 +1,171 @@
+"""Batch-1 inference of a dynamic layer with as few tensor operations and as little Python as possible.
+
+At batch 1 a small layer's convolution takes 0.1-0.3 ms on the CPU, and inside a network every operation run
+between two convolutions costs several times what it costs alone (its code and data are no longer in the
+caches): ``benchmarks/batch1_parts.py --part cold-ops``. The general path (attention, then the chunked strategy
+with its bookkeeping) runs about twenty operations per layer and reads a dozen module attributes (about a
+microsecond each through ``nn.Module.__getattr__``). This one runs seven operations: the input's sum, two
+matrix-vector products with a ReLU between them (the attention's linear layers; the mean's 1/n and the
+temperature folded into the products' scalars), the softmax, one matrix-vector product that mixes the kernel
+straight into reused memory already viewed as the kernel (for large kernels a scaled copy and K - 1 scaled adds,
+which stream the experts faster), and the convolution; an eighth mixes the bias where there is one.
+
+What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
+(:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members
+(read from the modules' own ``_parameters``/``_buffers``/``_modules`` dicts, and checked by identity on every
+call), the experts as a ``(kernel numel, K)`` matrix, the workspace slice viewed with the kernel's shape and
+strides, and the temperature's reciprocal. It is rebuilt when a member, a parameter's storage or layout, the
+temperature or the workspace changes; in-place updates of the parameters (an optimizer step,
+``load_state_dict``) are seen through the views. Where a member is not a plain parameter (parametrized, pruned),
+the attention modules are not the library's own or carry hooks, :func:`infer` declines and the layer takes its
+general path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _chunked
+from . import functional
+from .attention import ExpertAttention, one_sample_logits
+
+
+class _Plan:
+    """One layer's members and reusable views for batch-1 inference (valid while :meth:`matches` holds)."""
+
+    __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
+                 "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
+                 "inverse_temperature", "device_type", "key", "base", "order", "experts_t", "rows", "out", "kernel", "bias_t")
+
+    def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
+                 temperature: Tensor, base: Optional[Tensor]):
+        self.router, self.fc1, self.fc2 = router, fc1, fc2
+        self.w1, self.b1 = fc1._parameters["weight"], fc1._parameters["bias"]
+        self.w2, self.b2 = fc2._parameters["weight"], fc2._parameters["bias"]
+        self.weight, self.bias, self.temperature, self.base = weight, bias, temperature, base
+        self.device_type = weight.device.type
+        # the workspace's key in the thread's cache (dyconv._chunked.workspace_base); none off the CPU
+        self.key = None if base is None else _chunked.workspace_key(weight)
+        self.weight_ptr, self.weight_shape, self.weight_strides = weight.data_ptr(), weight.shape, weight.stride()
+        self.bias_ptr = None if bias is None else bias.data_ptr()
+        self.temperature_ptr, self.temperature_version = temperature.data_ptr(), temperature._version
+        self.inverse_temperature = 1.0 / float(temperature)
+        experts = weight.detach()
+        self.order = _chunked.memory_order(experts)
+        flat = _chunked.flat_experts(experts, self.order)  # (K, kernel numel), a view in memory order
+        self.experts_t = flat.t()
+        numel = flat.shape[1]
+        # large kernels: a scaled copy and K - 1 scaled adds stream the experts faster than one product
+        # (dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS)
+        self.rows: Optional[List[Tensor]] = None
+        if base is not None and numel >= _chunked.SCALED_ADDS_MIN_ELEMENTS:
+            self.rows = [flat[k] for k in range(flat.shape[0])]
+        self.out = None if base is None else base[:numel]
+        self.kernel = None if base is None else _chunked.unflatten(self.out.view(1, numel), experts, self.order)[0]
+        self.bias_t = None if bias is None else bias.detach().t()
+
+    def matches(self, layer: nn.Module, weight: Tensor, state) -> bool:
+        params = layer._parameters
+        bias, temperature = params.get("bias"), layer._buffers.get("temperature")
+        router = layer._modules.get("router")
+        if weight is not self.weight or bias is not self.bias or temperature is not self.temperature:
+            return False
+        if router is not self.router or (self.key is not None and state.cache.get(self.key) is not self.base):
+            return False
+        fc1, fc2 = self.fc1, self.fc2
+        modules = router._modules
+        if modules.get("fc1") is not fc1 or modules.get("fc2") is not fc2:
+            return False
+        p1, p2 = fc1._parameters, fc2._parameters
+        if p1.get("weight") is not self.w1 or p1.get("bias") is not self.b1:
+            return False
+        if p2.get("weight") is not self.w2 or p2.get("bias") is not self.b2:
+            return False
+        if self.weight_ptr != weight.data_ptr() or self.weight_shape != weight.shape:
+            return False
+        if self.weight_strides != weight.stride() or (bias is not None and self.bias_ptr != bias.data_ptr()):
+            return False
+        if self.temperature_version != temperature._version or self.temperature_ptr != temperature.data_ptr():
+            return False
+        return not _hooked(router)  # hooks added since: the general path calls the router
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _plain_attention(router: nn.Module) -> bool:
+    """The library's attention, without hooks of its own, with plain parameters in its linear layers (what
+    :func:`infer` computes inline; like :class:`dyconv.attention.ExpertAttention`, from the linear layers'
+    parameters, not by calling them)."""
+    if type(router).forward is not ExpertAttention.forward or _hooked(router):
+        return False
+    for name in ("fc1", "fc2"):
+        fc = router._modules.get(name)
+        if fc is None:
+            return False
+        if "weight" not in fc._parameters or fc._parameters.get("bias") is None:
+            return False
+    return True
+
+
+def _plan(layer: nn.Module, weight: Tensor) -> Optional[_Plan]:
+    state = _chunked.thread_state()
+    plans = getattr(state, "one_sample_plans", None)
+    if plans is None:
+        plans = weakref.WeakKeyDictionary()  # a layer's entry goes with the layer
+        state.one_sample_plans = plans
+    plan = plans.get(layer)
+    if plan is not None and plan.matches(layer, weight, state):
+        return plan
+    params, router = layer._parameters, layer._modules.get("router")
+    bias, temperature = params.get("bias"), layer._buffers.get("temperature")
+    if "bias" not in params or temperature is None or router is None or not _plain_attention(router):
+        return None  # a parametrized or pruned member, or other attention modules: the general path
+    if weight.is_meta:
+        return None  # no values (the temperature's reciprocal is read as a number)
+    base = _chunked.workspace_base(weight.numel() // weight.shape[0], weight)
+    with torch.inference_mode(False):  # normal views, writable in and out of inference mode
+        plan = _Plan(router, router._modules["fc1"], router._modules["fc2"], weight, bias, temperature, base)
+    plans[layer] = plan
+    return plan
+
+
+def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+          groups: int) -> Optional[Tensor]:
+    """The layer's output for the one-sample batch ``x`` ``(1, C_in, *spatial)``, or ``None`` where this path
+    does not apply: members that are not plain parameters or modules (see the module's docstring), parameters of
+    another dtype than ``x``, autocast (which casts ``addmm``'s inputs but not ``addmv``'s) or a Python dispatch
+    mode (``FlopCounterMode``, which :func:`dyconv.profile` uses, does not count ``addmv``). No gradient may be
+    needed: on the CPU the kernel is written into the thread's reused workspace."""
+    weight = layer._parameters.get("weight")
+    if weight is None:  # parametrized or pruned
+        return None
+    plan = _plan(layer, weight)
+    if plan is None or _chunked.python_dispatch_active() or _chunked.autocast_dtype(plan.device_type) is not None:
+        return None
+    dtype = x.dtype
+    if weight.dtype != dtype or plan.w1.dtype != dtype or plan.w2.dtype != dtype:
+        return None
+    if plan.bias is not None and plan.bias.dtype != dtype:
+        return None
+    # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
+    logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature)
+    attention = torch.softmax(logits, 0)
+    if plan.out is None:  # no workspace (not the CPU): a fresh kernel
+        kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), weight, plan.order)[0]
+    else:
+        if plan.rows is None:
+            torch.mv(plan.experts_t, attention, out=plan.out)
+        else:
+            weights = attention.tolist()  # the CPU only (a workspace exists): no synchronisation
+            torch.mul(plan.rows[0], weights[0], out=plan.out)
+            for k in range(1, len(weights)):
+                plan.out.add_(plan.rows[k], alpha=weights[k])
+        kernel = plan.kernel
+    mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
+    return functional.conv(x, kernel, mixed_bias, stride, padding, dilation, groups)
