@@ -1,34 +1,46 @@
 """What batch-1 inference costs, part by part: the measurements behind the README's "What bounds the rest".
 
-    PYTHONPATH=src python benchmarks/batch1_parts.py
+    PYTHONPATH=src python benchmarks/batch1_parts.py [--part mixing attention cold-ops networks network-ops]
 
-1. Mixing one sample's kernel, (1 x K) @ (K x N), K = 4: ``torch.mm`` against a scaled copy and K - 1 scaled
-   in-place adds (what ``dyconv._chunked.mix`` does on the CPU from ``SCALED_ADDS_MIN_ELEMENTS``), medians of 300
-   calls (warm caches).
-2. The attention's linear layers for one sample: a one-row ``addmm`` against ``addmv`` (what
-   ``ExpertAttention`` does at batch 1), and the whole attention of a layer.
-3. DY-ResNet-18 / DY-MobileNetV2 against torchvision at batch 1, 224², channels_last: ``torch.profiler`` self CPU
-   time per image of the convolutions and of the mixing ops (``mm``, ``mul``, ``add_``), 10 images, the two sides
-   profiled twice in turn.
+1. ``mixing``: mixing one sample's kernel, (1 x K) @ (K x N), K = 4: ``torch.mm``, ``torch.mv`` (what the
+   one-sample path uses) and a scaled copy with K - 1 scaled in-place adds (what the CPU paths use from
+   ``dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS``), medians of 300 calls (warm caches).
+2. ``attention``: the attention's linear layers for one sample: a one-row ``addmm`` against ``addmv`` (what the
+   one-sample path does), and the whole attention of a layer.
+3. ``cold-ops``: small operations timed alone (warm) and right after a depthwise convolution of MobileNetV2's
+   size (what a layer's extra operations meet inside a network): medians of 300.
+4. ``networks``: DY-ResNet-18 / DY-MobileNetV2 against torchvision at batch 1, 224², channels_last:
+   ``torch.profiler`` self CPU time per image of the convolutions and of the mixing ops (``mm``, ``mv``, ``mul``,
+   ``add_``), 10 images, the two sides profiled twice in turn.
+5. ``network-ops``: the same networks at batch 1, as ratios to static (interleaved medians of 40 settled calls,
+   three rounds), with every dynamic layer's forward replaced by: ``conv only`` (the first expert's static
+   convolution, no attention, no mixing: what the network costs around the layers), ``minimal ops`` (the seven
+   operations of ``dyconv._one_sample`` with every tensor prepared beforehand and no checks: the least that
+   eager PyTorch operators do per layer), against ``dyconv`` as shipped.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from dyconv import DynamicConv2d
-from dyconv.benchmark import build_network
+from dyconv import DynamicConv2d, _chunked, layers
+from dyconv.benchmark import _infer, build_network, interleaved_medians
 
 K = 4
 
 
-def median_us(fn, calls: int = 300) -> float:
+def median_us(fn, calls: int = 300, before=None) -> float:
+    """Median microseconds of ``fn``; ``before`` (untimed) runs just before each timed call."""
     fn()
     times = []
     for _ in range(calls):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -36,9 +48,10 @@ def median_us(fn, calls: int = 300) -> float:
 
 
 def mixing() -> None:
-    print("mixing one kernel, (1 x 4) @ (4 x N): torch.mm against scaled adds (us, warm)")
+    print("mixing one kernel, (1 x 4) @ (4 x N): torch.mm, torch.mv and scaled adds (us, warm)")
     for n in (1296, 13824, 147456, 409600, 2359296):
         flat, a, out = torch.randn(K, n), torch.softmax(torch.randn(1, K), 1), torch.empty(1, n)
+        flat_t, a1, out1 = flat.t(), a[0], out[0]
 
         def adds():
             w = a[0].tolist()
@@ -46,7 +59,8 @@ def mixing() -> None:
             for k in range(1, K):
                 row.add_(flat[k], alpha=w[k])
 
-        print(f"  N = {n}: mm {median_us(lambda: torch.mm(a, flat, out=out)):.1f}, scaled adds {median_us(adds):.1f}")
+        print(f"  N = {n}: mm {median_us(lambda: torch.mm(a, flat, out=out)):.1f}, "
+              f"mv {median_us(lambda: torch.mv(flat_t, a1, out=out1)):.1f}, scaled adds {median_us(adds):.1f}")
 
 
 def attention() -> None:
@@ -68,6 +82,29 @@ def attention() -> None:
         print("  " + ", ".join(f"{k} {median_us(f):.1f}" for k, f in parts.items()))
 
 
+def cold_ops() -> None:
+    print("small ops, us: alone (warm) / right after a depthwise 3x3 convolution, 144 channels at 56x56, CL")
+    cl = torch.channels_last
+    x = torch.randn(1, 144, 56, 56).contiguous(memory_format=cl)
+    w = torch.randn(144, 1, 3, 3).contiguous(memory_format=cl)
+    w1, b1, s = torch.randn(36, 144), torch.randn(36), torch.randn(144)
+    flat_t, a, out = torch.randn(4, 13824).t(), torch.softmax(torch.randn(4), 0), torch.empty(13824)
+    ops = {
+        "empty(4)": lambda: torch.empty(4),
+        "relu": lambda: torch.relu(s),
+        "softmax": lambda: torch.softmax(s, 0),
+        "addmv 36x144": lambda: torch.addmv(b1, w1, s),
+        "mv mixing 13824x4": lambda: torch.mv(flat_t, a, out=out),
+        "sum of the input": lambda: x.sum([0, 2, 3]),
+        "the convolution": lambda: F.conv2d(x, w, None, 1, 1, 1, 144),
+    }
+    with torch.inference_mode():
+        for name, op in ops.items():
+            warm = median_us(op)
+            cold = median_us(op, before=lambda: F.conv2d(x, w, None, 1, 1, 1, 144))
+            print(f"  {name}: {warm:.1f} / {cold:.1f}")
+
+
 def networks() -> None:
     print("batch 1, 224x224, channels_last: torch.profiler self CPU ms per image")
     from torch.profiler import profile
@@ -85,17 +122,78 @@ def networks() -> None:
                             model(x)
                 per = {e.key: e.self_cpu_time_total / 10e3 for e in prof.key_averages()}
                 convs = sum(v for k, v in per.items() if "convolution" in k or "conv2d_forward" in k)
-                mixes = sum(per.get(k, 0.0) for k in ("aten::mm", "aten::mul", "aten::add_"))
+                mixes = sum(per.get(k, 0.0) for k in ("aten::mm", "aten::mv", "aten::mul", "aten::add_"))
                 print(f"  {name} {side}: all ops {sum(per.values()):.1f}, convolutions {convs:.1f}, "
-                      f"mm/mul/add_ {mixes:.1f}")
+                      f"mm/mv/mul/add_ {mixes:.1f}")
+
+
+def _conv_only(layer, x):
+    return F.conv2d(x, layer._bench_prepared[-1], None, layer.stride, layer._conv_padding, layer.dilation,
+                    layer.groups)
+
+
+def _minimal_ops(layer, x):
+    dims, b1, w1, b2, w2, scale, experts_t, out, kernel, _ = layer._bench_prepared
+    hidden = torch.relu_(torch.addmv(b1, w1, x.sum(dims), alpha=1.0 / (x.shape[2] * x.shape[3])))
+    attention = torch.softmax(torch.addmv(b2, w2, hidden, beta=scale, alpha=scale), 0)
+    torch.mv(experts_t, attention, out=out)
+    return F.conv2d(x, kernel, None, layer.stride, layer._conv_padding, layer.dilation, layer.groups)
+
+
+class _Replaced(torch.nn.Module):
+    """Runs ``model`` with every dynamic layer's forward replaced by ``forward``."""
+
+    def __init__(self, model, forward):
+        super().__init__()
+        self.model, self.forward_ = model, forward
+
+    def forward(self, x):
+        original = layers._DynamicConvNd.forward
+        layers._DynamicConvNd.forward = self.forward_
+        try:
+            return self.model(x)
+        finally:
+            layers._DynamicConvNd.forward = original
+
+
+def network_ops() -> None:
+    print("batch 1, 224x224, channels_last: ratio to static (interleaved medians of 40 settled calls)")
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    for name in ("resnet18", "mobilenet_v2"):
+        static, dynamic = build_network(name)
+        for model in (static, dynamic):
+            model.to(memory_format=torch.channels_last).eval()
+        for layer in dynamic.modules():
+            if isinstance(layer, layers._DynamicConvNd):
+                w = layer.weight.detach()
+                order = _chunked.memory_order(w)
+                flat = _chunked.flat_experts(w, order)
+                out = torch.empty(flat.shape[1])
+                fc1, fc2 = layer.router.fc1, layer.router.fc2
+                layer._bench_prepared = (
+                    [0, 2, 3], fc1.bias.detach(), fc1.weight.detach(), fc2.bias.detach(), fc2.weight.detach(),
+                    1.0 / float(layer.temperature), flat.t(), out, _chunked.unflatten(out.view(1, -1), w, order)[0],
+                    w[0].clone())
+        sides = {"static": _infer(static, x), "conv only": _infer(_Replaced(dynamic, _conv_only), x),
+                 "minimal ops": _infer(_Replaced(dynamic, _minimal_ops), x), "dyconv": _infer(dynamic, x)}
+        for _ in range(3):
+            t = interleaved_medians(sides, repeats=40, warmup=3, settle=2)
+            print(f"  {name}: static {1e3 * t['static']:.1f} ms; "
+                  + ", ".join(f"{k} {t[k] / t['static']:.2f}x" for k in sides if k != "static"))
+
+
+PARTS = {"mixing": mixing, "attention": attention, "cold-ops": cold_ops, "networks": networks,
+         "network-ops": network_ops}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS))
+    args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, 2 threads")
-    mixing()
-    attention()
-    networks()
+    for part in args.part:
+        PARTS[part]()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class _Plan:
 
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
-                 "inverse_temperature", "device_type", "key", "base", "order", "experts_t", "rows", "out", "kernel", "bias_t")
+                 "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out", "kernel", "bias_t")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
@@ -48,6 +48,7 @@ class _Plan:
         self.w2, self.b2 = fc2._parameters["weight"], fc2._parameters["bias"]
         self.weight, self.bias, self.temperature, self.base = weight, bias, temperature, base
         self.device_type = weight.device.type
+        self.dims = [0] + list(range(2, weight.dim() - 1))  # a batched input's batch and spatial dims
         # the workspace's key in the thread's cache (dyconv._chunked.workspace_base); none off the CPU
         self.key = None if base is None else _chunked.workspace_key(weight)
         self.weight_ptr, self.weight_shape, self.weight_strides = weight.data_ptr(), weight.shape, weight.stride()
@@ -154,7 +155,7 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
     if plan.bias is not None and plan.bias.dtype != dtype:
         return None
     # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
-    logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature)
+    logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
     attention = torch.softmax(logits, 0)
     if plan.out is None:  # no workspace (not the CPU): a fresh kernel
         kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), weight, plan.order)[0]

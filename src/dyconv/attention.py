@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -64,10 +66,14 @@ class ExpertAttention(nn.Module):
 
 
 @torch.jit.unused
-def one_sample_logits(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, scale: float = 1.0) -> Tensor:
+def one_sample_logits(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, scale: float = 1.0,
+                      dims: Optional[List[int]] = None) -> Tensor:
     """``scale`` × the attention's logits ``(K,)`` for a one-sample batch ``x`` ``(1, C, *spatial)``, with fc1's
     and fc2's weights and biases: matrix-vector products, cheaper than one-row matrix products
-    (``benchmarks/batch1_parts.py``), the mean's 1/n and ``scale`` as the products' scalars (no extra operation)."""
-    summed = x.sum([0] + [i for i in range(2, x.dim())])
+    (``benchmarks/batch1_parts.py``), the mean's 1/n and ``scale`` as the products' scalars (no extra operation).
+    ``dims``: ``x``'s batch and spatial dims, if the caller has them."""
+    if dims is None:
+        dims = [0] + [i for i in range(2, x.dim())]
+    summed = x.sum(dims)
     hidden = torch.relu_(torch.addmv(b1, w1, summed, alpha=1.0 / max(x.numel() // x.shape[1], 1)))
     return torch.addmv(b2, w2, hidden, beta=scale, alpha=scale)
