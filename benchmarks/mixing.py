@@ -1,7 +1,8 @@
 """The measurements behind the eager strategy choices of ``dyconv.functional`` / ``dyconv._chunked``.
 
     PYTHONPATH=src python benchmarks/mixing.py              # 2 threads; --threads 1 for one
-    PYTHONPATH=src python benchmarks/mixing.py --part tiny  # only the second table (also: tiny1x1, per-sample)
+    PYTHONPATH=src python benchmarks/mixing.py --part tiny  # only the second table (also: tiny1x1, per-sample,
+                                                            # depthwise)
 
 1. *Kernel memory* (batch 1, inference): a 3×3 convolution whose kernel is freshly allocated memory (what
    ``torch.mm`` returns when the K experts are mixed) against the same convolution reading a kernel written into
@@ -14,6 +15,9 @@
 3. *Per-sample convolutions* (batch 32, inference and training step, channels_last and contiguous): the
    ``"chunked"`` strategy with each chunk folded into the convolution's groups against one convolution per
    sample (``dyconv._chunked.PER_SAMPLE_MIN_POSITIONS``), for 3×3 and depthwise 3×3 layers at several sizes.
+4. *Depthwise layers of MobileNetV2* (batch 32, inference; ``--part depthwise``): static in both memory formats,
+   the chunked strategy folded and per sample in both, and the attention alone (its pooling pass reads the whole
+   input, as the convolution does), each side a module of its own format.
 
 Sides are interleaved (one call of each per round) and the medians are printed, in ms and as ratios to static.
 """
@@ -152,11 +156,47 @@ def per_sample(rounds: int) -> None:
                     f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
 
 
+def depthwise(rounds: int) -> None:
+    print("batch 32, inference, MobileNetV2's depthwise 3x3 layers: ratio to static in its faster format")
+    shapes = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2), (384, 14, 1),
+              (576, 14, 1), (576, 14, 2), (960, 7, 1))
+    defaults = _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS
+
+    def call(layer, x, per_sample=None):
+        def run():
+            if per_sample is not None:  # every sample on its own, or every chunk folded
+                _chunked.PER_SAMPLE_MIN_POSITIONS = 1 if per_sample else 10**9
+                _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
+            with torch.no_grad():
+                layer(x)
+        return run
+
+    for channels, size, stride in shapes:
+        fns = {}
+        for fmt, memory_format in (("C", torch.contiguous_format), ("CL", torch.channels_last)):
+            x = torch.randn(32, channels, size, size).contiguous(memory_format=memory_format)
+            static = torch.nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False)
+            dy = DynamicConv2d(channels, channels, 3, stride, 1, groups=channels, bias=False, num_experts=K)
+            static, dy = static.to(memory_format=memory_format), dy.eval().to(memory_format=memory_format)
+            fns[f"static {fmt}"] = call(static, x)
+            fns[f"folded {fmt}"] = call(dy, x, per_sample=False)
+            fns[f"per-sample {fmt}"] = call(dy, x, per_sample=True)
+            fns[f"attention {fmt}"] = call(dy.attention, x)
+        try:
+            r = interleaved(fns, rounds)
+        finally:
+            _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
+        best = min(r["static C"], r["static CL"])
+        print(f"  dw {channels} @{size} stride {stride}: static C {r['static C']:.1f} ms, CL {r['static CL']:.1f} ms; "
+              + ", ".join(f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample"], default="all")
+    parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample", "depthwise"],
+                        default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, K = {K}")
@@ -168,6 +208,8 @@ def main(argv=None) -> int:
         tiny_1x1(args.rounds)
     if args.part in ("all", "per-sample"):
         per_sample(args.rounds)
+    if args.part in ("all", "depthwise"):
+        depthwise(args.rounds)
     return 0
 
 

@@ -202,6 +202,9 @@ def test_per_sample_convolutions_for_large_outputs_only():
     assert per_sample(x, wd, groups=8, training=True)
     assert not per_sample(x, wd, groups=8)
     assert per_sample(x, wd, groups=8, elements=8 * 529)
+    strided = torch.zeros(2, 8, 46, 46)  # stride 2: 529 output positions; the input's elements count
+    assert per_sample(strided, wd, stride=[2, 2], groups=8, elements=8 * 46 * 46)
+    assert not per_sample(strided, wd, stride=[2, 2], groups=8, elements=8 * 46 * 46 + 1)
 
 
 @pytest.fixture

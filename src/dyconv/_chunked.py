@@ -53,9 +53,11 @@ EXPERT_TILE_ELEMENTS = 1 << 21
 # groups) instead of the chunk folded into the groups: a convolution with batch x groups groups is slower than
 # per-sample dense ones where each sample's output is large (benchmarks/mixing.py --part per-sample).
 PER_SAMPLE_MIN_POSITIONS = 512
-# ... and for grouped (e.g. depthwise) layers without gradients, at least this many input elements per sample
-# (below it the folded convolution is faster there: depthwise 3x3 on 32 x 56² or 192 x 28², batch 32).
-PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 18
+# ... and for grouped (e.g. depthwise) layers without gradients, at least this many input elements per sample.
+# Batch 32, MobileNetV2's depthwise 3x3 (benchmarks/mixing.py --part depthwise, two runs): per sample faster from
+# 192 x 28² (3.2-4.3x static against 5.7-7.9x folded) and at 144 x 56² with stride 2; folded faster below 512
+# output positions (384 x 14²: 2.1x against 3.2-3.8x). (An earlier run had put 192 x 28² on the folded side.)
+PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 17
 
 _workspaces = threading.local()
 
@@ -231,7 +233,10 @@ def convolves_per_sample(x: Tensor, weight: Tensor, stride: List[int], padding: 
         return False
     if training or groups == 1:
         return True
-    return x.shape[1] * positions >= grouped_min_elements
+    elements = 1  # the input's: a strided layer reads more than it writes (depthwise 144 @56 stride 2, batch 32:
+    for size in x.shape[1:]:  # 2.1-4.2x static per sample against 4.9-11x folded, benchmarks/mixing.py)
+        elements *= size
+    return elements >= grouped_min_elements
 
 
 def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: List[int], padding: List[int],
@@ -278,7 +283,7 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
 def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                     padding: List[int], dilation: List[int], groups: int, chunk: int,
                     buf: Optional[Tensor] = None, tile_elements: int = 1 << 21,
-                    per_sample_positions: int = 512, per_sample_grouped_elements: int = 1 << 18,
+                    per_sample_positions: int = 512, per_sample_grouped_elements: int = 1 << 17,
                     training: bool = False) -> Tensor:
     """Per-sample convolution, ``chunk`` samples' mixed kernels at a time.
 
