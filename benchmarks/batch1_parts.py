@@ -10,8 +10,8 @@
 3. ``cold-ops``: small operations timed alone (warm) and right after a depthwise convolution of MobileNetV2's
    size (what a layer's extra operations meet inside a network): medians of 300.
 4. ``networks``: DY-ResNet-18 / DY-MobileNetV2 against torchvision at batch 1, 224², channels_last:
-   ``torch.profiler`` self CPU time per image of the convolutions and of the mixing ops (``mm``, ``mv``, ``mul``,
-   ``add_``), 10 images, the two sides profiled twice in turn.
+   ``torch.profiler`` self CPU time per image of the convolutions and of the mixing ops (``mm``, ``mul``,
+   ``add_``, and ``mv`` with the ``addmv`` it calls), 10 images, the two sides profiled twice in turn.
 5. ``network-ops``: the same networks at batch 1, as ratios to static (interleaved medians of 40 settled calls,
    three rounds), with every dynamic layer's forward replaced by: ``conv only`` (the first expert's static
    convolution, no attention, no mixing: what the network costs around the layers), ``minimal ops`` (the seven
@@ -120,9 +120,12 @@ def networks() -> None:
                     with profile() as prof:
                         for _ in range(10):
                             model(x)
-                per = {e.key: e.self_cpu_time_total / 10e3 for e in prof.key_averages()}
+                events = prof.key_averages()
+                per = {e.key: e.self_cpu_time_total / 10e3 for e in events}
                 convs = sum(v for k, v in per.items() if "convolution" in k or "conv2d_forward" in k)
-                mixes = sum(per.get(k, 0.0) for k in ("aten::mm", "aten::mv", "aten::mul", "aten::add_"))
+                # mv with the addmv it calls (the attention's own addmv calls are not counted)
+                mv = sum(e.cpu_time_total / 10e3 for e in events if e.key == "aten::mv")
+                mixes = mv + sum(per.get(k, 0.0) for k in ("aten::mm", "aten::mul", "aten::add_"))
                 print(f"  {name} {side}: all ops {sum(per.values()):.1f}, convolutions {convs:.1f}, "
                       f"mm/mv/mul/add_ {mixes:.1f}")
 
