@@ -413,16 +413,27 @@ def _one_sample_plans():
     return getattr(dyconv._chunked.thread_state(), "one_sample_plans", {})
 
 
-def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
-    """The batch-1 path reuses its views (experts, workspace viewed as the kernel) between calls, sees in-place
-    parameter updates through them, and rebuilds them when a parameter, its layout or the workspace is replaced."""
+def _batch1_checked():
+    """A float64 layer, its one-sample input, and a check of batch-1 inference against the reference."""
     layer = DynamicConv2d(6, 8, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
-    x = torch.randn(1, 6, 7, 5, dtype=torch.float64)
+    inputs = [torch.randn(1, 6, 7, 5, dtype=torch.float64)]
 
     def check():
+        x = inputs[0]
         with torch.no_grad():
             out = layer(x)
         torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+
+    return layer, inputs, check
+
+
+def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
+    """The batch-1 path reuses its views (experts, workspace viewed as the kernel) between calls, sees in-place
+    parameter updates through them, and rebuilds them when a parameter, its layout or the workspace is replaced."""
+    layer, inputs, checked = _batch1_checked()
+
+    def check():
+        checked()
         return _one_sample_plans()[layer]
 
     plan = check()
@@ -442,7 +453,7 @@ def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
     assert check() is not plan
     plan = check()
     layer.to(memory_format=torch.channels_last)  # replaced, new strides
-    x = x.contiguous(memory_format=torch.channels_last)
+    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
     assert check() is not plan
     plan = check()
     dyconv._chunked.workspace(10**6, layer.weight)  # a larger request replaces the workspace
@@ -460,14 +471,7 @@ def test_one_sample_path_respects_hooks_parametrizations_and_pruning():
     inference still equals the reference and still calls the hooks."""
     from torch.nn.utils import parametrize, prune
 
-    layer = DynamicConv2d(6, 8, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
-    x = torch.randn(1, 6, 7, 5, dtype=torch.float64)
-
-    def check():
-        with torch.no_grad():
-            out = layer(x)
-            torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
-
+    layer, _, check = _batch1_checked()
     check()  # the lean path's views exist now; hooks added later must still run
     for register in (layer.router.register_forward_hook, layer.router.register_forward_pre_hook):
         calls = []

@@ -3,8 +3,8 @@
 At batch 1 a small layer's convolution takes 0.1-0.3 ms on the CPU, and inside a network every operation run
 between two convolutions costs several times what it costs alone (its code and data are no longer in the
 caches): ``benchmarks/batch1_parts.py --part cold-ops``. The general path (attention, then the chunked strategy
-with its bookkeeping) runs about twenty operations per layer and reads a dozen module attributes (about a
-microsecond each through ``nn.Module.__getattr__``). This one runs seven operations: the input's sum, two
+with its bookkeeping) runs about twenty operations per layer and reads a dozen module attributes through
+``nn.Module.__getattr__``. This one runs seven operations: the input's sum, two
 matrix-vector products with a ReLU between them (the attention's linear layers; the mean's 1/n and the
 temperature folded into the products' scalars), the softmax, one matrix-vector product that mixes the kernel
 straight into reused memory already viewed as the kernel (for large kernels a scaled copy and K - 1 scaled adds,
@@ -39,7 +39,8 @@ class _Plan:
 
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
-                 "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out", "kernel", "bias_t")
+                 "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
+                 "kernel", "bias_t")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
