@@ -494,6 +494,21 @@ def test_one_sample_path_respects_hooks_parametrizations_and_pruning():
     check()
 
 
+def test_one_sample_path_for_a_layer_built_in_inference_mode():
+    """Parameters and buffers made under torch.inference_mode are inference tensors (no version counter): the
+    batch-1 path still follows a temperature changed in place, inside and outside inference mode."""
+    with torch.inference_mode():
+        layer = DynamicConv2d(4, 6, 3, padding=1, num_experts=3, dtype=torch.float64).eval()
+        x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), per_sample_reference(layer, x), **TOL[torch.float64])
+        before = layer(x)
+        dyconv.set_temperature(layer, 0.5)
+        torch.testing.assert_close(layer(x), per_sample_reference(layer, x), **TOL[torch.float64])
+        assert not torch.allclose(layer(x), before)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
 def test_one_sample_path_in_several_threads():
     """Each thread mixes into its own workspace: the same layer at batch 1 in two threads at once stays exact."""
     import threading

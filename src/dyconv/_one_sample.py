@@ -54,8 +54,11 @@ class _Plan:
         self.key = None if base is None else _chunked.workspace_key(weight)
         self.weight_ptr, self.weight_shape, self.weight_strides = weight.data_ptr(), weight.shape, weight.stride()
         self.bias_ptr = None if bias is None else bias.data_ptr()
-        self.temperature_ptr, self.temperature_version = temperature.data_ptr(), temperature._version
-        self.inverse_temperature = 1.0 / float(temperature)
+        # an inference tensor (a layer built under torch.inference_mode) has no version counter: its temperature
+        # is then divided by on every call instead of being read once
+        self.temperature_ptr = temperature.data_ptr()
+        self.temperature_version = None if temperature.is_inference() else temperature._version
+        self.inverse_temperature = None if temperature.is_inference() else 1.0 / float(temperature)
         experts = weight.detach()
         self.order = _chunked.memory_order(experts)
         flat = _chunked.flat_experts(experts, self.order)  # (K, kernel numel), a view in memory order
@@ -91,7 +94,9 @@ class _Plan:
             return False
         if self.weight_strides != weight.stride() or (bias is not None and self.bias_ptr != bias.data_ptr()):
             return False
-        if self.temperature_version != temperature._version or self.temperature_ptr != temperature.data_ptr():
+        if self.temperature_ptr != temperature.data_ptr():
+            return False
+        if self.temperature_version is not None and self.temperature_version != temperature._version:
             return False
         return not _hooked(router)  # hooks added since: the general path calls the router
 
@@ -156,7 +161,10 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
     if plan.bias is not None and plan.bias.dtype != dtype:
         return None
     # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
-    logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
+    if plan.inverse_temperature is None:
+        logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature
+    else:
+        logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
     attention = torch.softmax(logits, 0)
     if plan.out is None:  # no workspace (not the CPU): a fresh kernel
         kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), weight, plan.order)[0]
