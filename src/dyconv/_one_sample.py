@@ -120,7 +120,10 @@ def _plain_attention(router: nn.Module) -> bool:
     return True
 
 
-def _plan(layer: nn.Module, weight: Tensor) -> Optional[_Plan]:
+def _plan(layer: nn.Module) -> Optional[_Plan]:
+    weight = layer._parameters.get("weight")
+    if weight is None:  # parametrized or pruned
+        return None
     state = _chunked.thread_state()
     plans = getattr(state, "one_sample_plans", None)
     if plans is None:
@@ -135,9 +138,13 @@ def _plan(layer: nn.Module, weight: Tensor) -> Optional[_Plan]:
         return None  # a parametrized or pruned member, or other attention modules: the general path
     if weight.is_meta:
         return None  # no values (the temperature's reciprocal is read as a number)
+    fc1, fc2 = router._modules["fc1"], router._modules["fc2"]
+    dtype = weight.dtype
+    if any(p.dtype != dtype for p in (bias, fc1._parameters["weight"], fc2._parameters["weight"]) if p is not None):
+        return None  # mixed dtypes: the general path (which raises where the operations do)
     base = _chunked.workspace_base(weight.numel() // weight.shape[0], weight)
     with torch.inference_mode(False):  # normal views, writable in and out of inference mode
-        plan = _Plan(router, router._modules["fc1"], router._modules["fc2"], weight, bias, temperature, base)
+        plan = _Plan(router, fc1, fc2, weight, bias, temperature, base)
     plans[layer] = plan
     return plan
 
@@ -146,20 +153,16 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
           groups: int) -> Optional[Tensor]:
     """The layer's output for the one-sample batch ``x`` ``(1, C_in, *spatial)``, or ``None`` where this path
     does not apply: members that are not plain parameters or modules (see the module's docstring), parameters of
-    another dtype than ``x``, autocast (which casts ``addmm``'s inputs but not ``addmv``'s) or a Python dispatch
+    another dtype than ``x`` or than each other (their dtypes are checked when the views are made; the conv
+    weight's on every call), autocast (which casts ``addmm``'s inputs but not ``addmv``'s) or a Python dispatch
     mode (``FlopCounterMode``, which :func:`dyconv.profile` uses, does not count ``addmv``). No gradient may be
     needed: on the CPU the kernel is written into the thread's reused workspace."""
-    weight = layer._parameters.get("weight")
-    if weight is None:  # parametrized or pruned
+    plan = _plan(layer)
+    if plan is None or x.dtype != plan.weight.dtype or _chunked.python_dispatch_active():
         return None
-    plan = _plan(layer, weight)
-    if plan is None or _chunked.python_dispatch_active() or _chunked.autocast_dtype(plan.device_type) is not None:
+    if _chunked.autocast_dtype(plan.device_type) is not None:
         return None
-    dtype = x.dtype
-    if weight.dtype != dtype or plan.w1.dtype != dtype or plan.w2.dtype != dtype:
-        return None
-    if plan.bias is not None and plan.bias.dtype != dtype:
-        return None
+    weight = plan.weight
     # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
     if plan.inverse_temperature is None:
         logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature

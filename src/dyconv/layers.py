@@ -155,14 +155,15 @@ class _DynamicConvNd(nn.Module):
         return torch.softmax(self.router(x) / self.temperature, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x, allow_unbatched=True)
         if not torch.jit.is_scripting():
-            # the recording checks first: a trace or torch.compile must not see (and guard on) the batch size
-            if (not torch.is_grad_enabled() and self.strategy == "auto"
-                    and not _chunked.tracing_exporting_or_compiling() and x.shape[0] == 1 and x.dim() == self._rank + 2):
+            # the recording checks first: a trace or torch.compile must not see (and guard on) the batch size;
+            # the shape checks are _check_input's for a batched input (which raises below where they fail)
+            if (not torch.is_grad_enabled() and self.strategy == "auto" and not _chunked.tracing_exporting_or_compiling()
+                    and x.dim() == self._rank + 2 and x.shape[0] == 1 and x.shape[1] == self.in_channels):
                 out = self._infer_one(x)
                 if out is not None:
                     return out
+        self._check_input(x, allow_unbatched=True)
         unbatched = x.dim() == self._rank + 1
         if unbatched:
             x = x.unsqueeze(0)
