@@ -13,13 +13,13 @@ Example:
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .benchmark import interleaved_medians
 
 # The recipe of the full demo: both models with the small-image stem (stride 1, so 28×28 images keep their
 # resolution through the first stages: 12.8M MAdds per image for mobilenetv2_035, by dyconv.profile), 10 000
@@ -34,17 +34,14 @@ DEMO_RECIPE = dict(dataset="fashion-mnist", epochs=3, batch_size=128, lr=0.1, op
 QUICK_RECIPE = dict(DEMO_RECIPE, epochs=1, train_subset=1000)
 
 
-def measure_latency(model: nn.Module, example: torch.Tensor, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one eval-mode forward of ``example`` (``torch.inference_mode``)."""
+def _eval_forward(model: nn.Module, example: torch.Tensor):
     model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t0 = time.perf_counter()
+
+    def run():
+        with torch.inference_mode():
             model(example)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return run
 
 
 def _profile(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, float | None]:
@@ -77,19 +74,20 @@ def compare(results: dict[str, dict[str, Any]], *, input_shape: tuple[int, ...],
     latency = {name: {} for name in models}
     for b in batch_sizes:
         example = torch.randn(b, *input_shape)
-        # Interleave the models so that load changes on a shared machine affect both alike.
-        for _ in range(3):
-            for name, model in models.items():
-                latency[name].setdefault(b, []).append(measure_latency(model, example, repeats=5 if b > 1 else 10))
+        # One call of each model in turn (load changes on a shared machine affect both alike), each timed after an
+        # untimed call of its own (its own steady state, as `dyconv bench` does at batch 1); medians.
+        fns = {name: _eval_forward(model, example) for name, model in models.items()}
+        medians = interleaved_medians(fns, repeats=30 if b == 1 else 10, warmup=2, settle=1)
+        for name in models:
+            latency[name][b] = medians[name]
     base = next(iter(models))
     for name, model in models.items():
         prof = _profile(model, (1, *input_shape))
         row = {"model": name, "test_acc": results[name].get("test_acc"), "params": prof["params"],
                "madds": prof["madds"], "train_time_s": results[name].get("train_time_s")}
         for b in batch_sizes:
-            ms = 1000 * statistics.median(latency[name][b])
-            row[f"latency_b{b}_ms"] = ms
-            row[f"latency_b{b}_ratio"] = ms / (1000 * statistics.median(latency[base][b]))
+            row[f"latency_b{b}_ms"] = 1000 * latency[name][b]
+            row[f"latency_b{b}_ratio"] = latency[name][b] / latency[base][b]
         rows.append(row)
     return rows
 
@@ -136,7 +134,8 @@ def run_demo(output: str = "runs/demo", *, quick: bool = False, pair: tuple[str,
     table = format_table(rows)
     budget = (f"{recipe['epochs']} epoch(s) on {results[pair[0]]['train_samples']} training images "
               f"(batch {recipe['batch_size']}, {recipe['optimizer']} lr {recipe['lr']}, seed {recipe['seed']}); "
-              f"test set: 10 000 images. Latency: median eval forward on this machine, ratio to {pair[0]}.")
+              f"test set: 10 000 images. Latency: median eval forward on this machine (the models called in "
+              f"turn, each after an untimed call of its own), ratio to {pair[0]}.")
     plots = plot_runs([out / name for name in pair], out / "plots")
     summary = {"recipe": recipe, "rows": rows, "table": table, "budget": budget, "plots": plots}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
