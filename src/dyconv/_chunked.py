@@ -191,21 +191,21 @@ def mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: 
     out = buf[: attention.shape[0] * flat.shape[1]].view(attention.shape[0], flat.shape[1])
     if not torch.jit.is_scripting():
         if attention.shape[0] == 1 and flat.shape[1] >= SCALED_ADDS_MIN_ELEMENTS and not python_dispatch_active():
-            return unflatten(_scaled_adds(attention, flat, out), weight, order)
+            scaled_adds(attention[0].tolist(), flat, out[0])  # buf (so this path) exists only on the CPU
+            return unflatten(out, weight, order)
     return unflatten(torch.mm(attention, flat, out=out), weight, order)
 
 
 @torch.jit.unused
-def _scaled_adds(attention: Tensor, flat: Tensor, out: Tensor) -> Tensor:
-    """One row ``attention @ flat`` into ``out`` by a scaled copy and K - 1 scaled in-place adds: on the CPU this
-    streams the experts faster than ``torch.mm``'s (1 x K) @ (K x N) for large kernels (3x3 512->512: 2.5 against
-    3.7 ms, 2 threads; benchmarks/batch1_parts.py), and is slower below about 2^18 elements, where the extra calls
-    cost more. ``buf`` (and
-    so this path) exists only on the CPU, where reading the weights as Python floats costs no synchronisation."""
-    weights = attention[0].tolist()
-    row = torch.mul(flat[0], weights[0], out=out[0])
+def scaled_adds(weights: List[float], rows, out: Tensor) -> Tensor:
+    """``sum_k weights[k] * rows[k]`` into the 1-D ``out`` by a scaled copy and K - 1 scaled in-place adds (``rows``:
+    the K experts as a ``(K, N)`` tensor or a list of K rows). On the CPU this streams large kernels' experts faster
+    than ``torch.mm``'s (1 x K) @ (K x N) (3x3 512->512: 1.6-3.2 against 2.3-4.4 ms, 2 threads;
+    benchmarks/batch1_parts.py) and is slower below about 2^18 elements, where the extra calls cost more. Used
+    only where the weights are Python floats already or cost no synchronisation to read (the CPU)."""
+    torch.mul(rows[0], weights[0], out=out)
     for k in range(1, len(weights)):
-        row.add_(flat[k], alpha=weights[k])
+        out.add_(rows[k], alpha=weights[k])
     return out
 
 

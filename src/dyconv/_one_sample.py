@@ -175,10 +175,7 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
         if plan.rows is None:
             torch.mv(plan.experts_t, attention, out=plan.out)
         else:
-            weights = attention.tolist()  # the CPU only (a workspace exists): no synchronisation
-            torch.mul(plan.rows[0], weights[0], out=plan.out)
-            for k in range(1, len(weights)):
-                plan.out.add_(plan.rows[k], alpha=weights[k])
+            _chunked.scaled_adds(attention.tolist(), plan.rows, plan.out)  # a workspace: the CPU, no sync
         kernel = plan.kernel
     mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
     return functional.conv(x, kernel, mixed_bias, stride, padding, dilation, groups)

@@ -32,12 +32,12 @@ class ExpertAttention(nn.Module):
         self.fc2 = nn.Linear(hidden, num_experts, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        dims = [i for i in range(2, x.dim())]
         recording = False
         if not torch.jit.is_scripting():
             recording = tracing_exporting_or_compiling()
             if not recording and x.shape[0] == 1 and self.accepts_one_sample(x):
                 return self.one_sample(x).unsqueeze(0)
+        dims = [i for i in range(2, x.dim())]
         if not recording:
             # the mean's 1/n folded into fc1's product: one op fewer per call, and backward expands the pooled
             # gradient instead of writing an input-sized quotient (``mean``'s backward)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .benchmark import interleaved_medians
+from .benchmark import _infer, interleaved_medians
 
 # The recipe of the full demo: both models with the small-image stem (stride 1, so 28×28 images keep their
 # resolution through the first stages: 12.8M MAdds per image for mobilenetv2_035, by dyconv.profile), 10 000
@@ -32,16 +32,6 @@ DEMO_RECIPE = dict(dataset="fashion-mnist", epochs=3, batch_size=128, lr=0.1, op
                    model_kwargs={"small_input": True})
 # --quick: a ~2-minute smoke version of the same pipeline.
 QUICK_RECIPE = dict(DEMO_RECIPE, epochs=1, train_subset=1000)
-
-
-def _eval_forward(model: nn.Module, example: torch.Tensor):
-    model.eval()
-
-    def run():
-        with torch.inference_mode():
-            model(example)
-
-    return run
 
 
 def _profile(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, float | None]:
@@ -76,7 +66,7 @@ def compare(results: dict[str, dict[str, Any]], *, input_shape: tuple[int, ...],
         example = torch.randn(b, *input_shape)
         # One call of each model in turn (load changes on a shared machine affect both alike), each timed after an
         # untimed call of its own (its own steady state, as `dyconv bench` does at batch 1); medians.
-        fns = {name: _eval_forward(model, example) for name, model in models.items()}
+        fns = {name: _infer(model.eval(), example) for name, model in models.items()}
         medians = interleaved_medians(fns, repeats=30 if b == 1 else 10, warmup=2, settle=1)
         for name in models:
             latency[name][b] = medians[name]
