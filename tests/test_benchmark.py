@@ -57,6 +57,7 @@ def test_layer_rows_and_files(tmp_path):
         assert len(list(csv.DictReader(f))) == 4
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["meta"]["batch_size"] == 2 and len(data["rows"]) == 4
+    assert data["meta"]["device"] == "cpu"
 
 
 def test_network_pair_shapes():

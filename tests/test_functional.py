@@ -111,6 +111,25 @@ def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     assert select_strategy(torch.zeros(4, 8, 1, 1), w[:1], [1, 1], 1, one, one) == "chunked"
 
 
+def test_auto_on_other_devices_picks_experts_up_to_14x14_outputs():
+    """On other devices than the CPU (meta stands in for CUDA here) ungrouped layers at batch > 1 with at most
+    ACCELERATOR_EXPERTS_MAX_POSITIONS (196) output positions use "experts", never "unfold_experts"."""
+    one = [1, 1]
+
+    def pick(x, w, padding=one, groups=1, stride=one):
+        return select_strategy(x.to("meta"), w.to("meta"), padding, groups, stride, one)
+
+    w = torch.zeros(4, 8, 8, 3, 3)
+    assert pick(torch.zeros(4, 8, 14, 14), w) == "experts"
+    assert pick(torch.zeros(4, 8, 15, 14), w) == "chunked"  # 210 positions
+    assert pick(torch.zeros(4, 8, 28, 28), w, stride=[2, 2]) == "experts"  # 14x14 output
+    assert pick(torch.zeros(4, 8, 2, 2), w) == "experts"  # the CPU: "unfold_experts"
+    assert pick(torch.zeros(4, 8, 7, 7), torch.zeros(4, 8, 8, 1, 1), [0, 0]) == "experts"
+    assert pick(torch.zeros(4, 8, 7, 7), torch.zeros(4, 8, 4, 3, 3), groups=2) == "chunked"
+    assert pick(torch.zeros(1, 8, 7, 7), w) == "chunked"
+    assert select_strategy(torch.zeros(4, 8, 14, 14), w, one, 1, one, one) == "chunked"  # the CPU
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_output_positions_match_the_convolution(rank, case):
@@ -278,6 +297,28 @@ def test_workspace_from_inference_mode_serves_training(kernel_size):
     out.sum().backward()
     with torch.no_grad():
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,expected", [
+    ("cpu", ["tiles"]),  # one sample's kernel (2.4M) exceeds a chunk (2M): tiles of the output channels
+    ("meta", ["one folded chunk"]),  # any other device: the 8 samples in one chunk folded into the groups
+])
+def test_chunks_tiles_and_per_sample_are_for_the_cpu(device, expected, monkeypatch):
+    calls = []
+    tiled, conv_chunk = _chunked._tiled_forward, _chunked._conv_chunk
+
+    def spy_conv_chunk(x, *args):
+        per_sample = len(args) == 8 and args[-1]
+        calls.append("per sample" if per_sample else "one folded chunk" if x.shape[0] == 8 else "a folded chunk")
+        return conv_chunk(x, *args)
+
+    monkeypatch.setattr(_chunked, "_tiled_forward", lambda *args: calls.append("tiles") or tiled(*args))
+    monkeypatch.setattr(_chunked, "_conv_chunk", spy_conv_chunk)
+    layer = DynamicConv2d(512, 512, 3, padding=1, num_experts=4, device=device)
+    with torch.no_grad():
+        out = layer(torch.randn(8, 512, 16, 16, device=device))  # 256 positions: "chunked" on any device
+    assert out.shape == (8, 512, 16, 16)
+    assert calls[:1] == expected
 
 
 def test_workspace_is_per_thread_and_cpu_only():

@@ -27,6 +27,9 @@ Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows bo
 * When one sample's kernel is larger than a chunk (deep 3×3 layers), mixing sample by sample re-reads all K
   experts from memory for every sample. Then the output channels are tiled so that the K experts of one
   tile stay in the cache while every sample's kernel for that tile is mixed and convolved.
+
+On other devices (CUDA) none of this applies: no workspace, no tiles, no per-sample convolutions, and chunks of
+up to ``ACCELERATOR_CHUNK_ELEMENTS`` (:func:`limits`), so that a layer is a few large launches.
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ PER_SAMPLE_MIN_POSITIONS = 512
 # 192 x 28² (3.2-4.3x static against 5.7-7.9x folded) and at 144 x 56² with stride 2; folded faster below 512
 # output positions (384 x 14²: 2.1x against 3.2-3.8x). (An earlier run had put 192 x 28² on the folded side.)
 PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 17
+# On other devices (CUDA): the limits above are the CPU's (its caches, its allocator, its per-call cost) and
+# do not apply. A GPU runs one large launch far better than many small ones (``dyconv bench --device cuda`` on
+# an H200 with the CPU's limits: DY-ResNet-18 batch 32 at 26x static, the naive batch-as-groups code at 5x), so
+# there each chunk is folded into the groups, never tiled or split per sample, and a chunk may hold this many
+# elements of mixed kernels (128 MiB of fp32; twice that in backward, kernels and their gradients).
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
+_NEVER = 1 << 62
 
 _workspaces = threading.local()
 
@@ -120,6 +130,15 @@ def workspace_bytes() -> int:
     mixed kernels, or one sample's kernel where that is larger, per device and dtype)."""
     cache = getattr(_workspaces, "cache", None) or {}
     return sum(buf.numel() * buf.element_size() for buf in cache.values())
+
+
+def limits(device_type: str) -> Tuple[int, int, int, int, int]:
+    """``(forward chunk elements, backward chunk elements, expert tile elements, per-sample minimum positions,
+    per-sample grouped minimum elements)`` for a device type (read at call time: tests change them)."""
+    if device_type == "cpu":
+        return (FORWARD_CHUNK_ELEMENTS, BACKWARD_CHUNK_ELEMENTS, EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS,
+                PER_SAMPLE_GROUPED_MIN_ELEMENTS)
+    return ACCELERATOR_CHUNK_ELEMENTS, ACCELERATOR_CHUNK_ELEMENTS, _NEVER, _NEVER, _NEVER
 
 
 def chunk_size(batch: int, kernel_numel: int, budget: int) -> int:
@@ -372,8 +391,9 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
         buf = workspace(chunk * weight[0].numel(), weight)
+        _, _, tile, positions, grouped = limits(x.device.type)
         out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
-                              EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS, PER_SAMPLE_GROUPED_MIN_ELEMENTS, True)
+                              tile, positions, grouped, True)
         if out._is_view():
             # A Function's output that is a view (our reshape of the convolution's result) may not be
             # modified in place (e.g. by an in-place activation); the same memory without view
@@ -394,9 +414,10 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         a = attention.to(flat.dtype)
         matmul = uses_matmul(weight, stride, padding, dilation, groups)
         batch, rank = x.shape[0], x.dim() - 2
-        per_sample = convolves_per_sample(x, weight, stride, padding, dilation, groups, matmul,
-                                          PER_SAMPLE_MIN_POSITIONS, PER_SAMPLE_GROUPED_MIN_ELEMENTS, True)
-        chunk = chunk_size(batch, flat.shape[1], BACKWARD_CHUNK_ELEMENTS)
+        _, backward_chunk, _, positions, grouped = limits(x.device.type)
+        per_sample = convolves_per_sample(x, weight, stride, padding, dilation, groups, matmul, positions, grouped,
+                                          True)
+        chunk = chunk_size(batch, flat.shape[1], backward_chunk)
         buf = workspace(chunk * flat.shape[1], flat, 1)
         grad_out = grad_out.to(x.dtype)
         grad_x = torch.empty_like(x) if need_x else None
@@ -491,7 +512,8 @@ def conv_chunked(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
 @torch.jit.unused
 def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                         padding: List[int], dilation: List[int], groups: int) -> Tensor:
-    chunk = chunk_size(x.shape[0], weight[0].numel(), FORWARD_CHUNK_ELEMENTS)
+    forward_chunk, _, tile, positions, grouped = limits(x.device.type)
+    chunk = chunk_size(x.shape[0], weight[0].numel(), forward_chunk)
     if _needs_grad(x, weight, bias, attention) and not tracing_exporting_or_compiling():
         return chunked_autograd(x, weight, bias, attention, stride, padding, dilation, groups, chunk)
     dtype = autocast_dtype(x.device.type)
@@ -502,8 +524,8 @@ def _conv_chunked_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     training = _needs_grad(x, weight, bias, attention)
     if not training:
         buf = workspace(chunk * weight[0].numel(), weight)
-    return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
-                           EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS, PER_SAMPLE_GROUPED_MIN_ELEMENTS, training)
+    return chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf, tile,
+                           positions, grouped, training)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

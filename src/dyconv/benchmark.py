@@ -133,9 +133,18 @@ def build_network(name: str) -> tuple[nn.Module, nn.Module]:
     return static, convert(static, init="fresh")
 
 
-def peak_training_memory(step: Callable[[], object]) -> int:
-    """Peak bytes allocated above the starting level while ``step()`` runs (allocator events)."""
+def peak_training_memory(step: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated above the starting level while ``step()`` runs: on a CUDA ``device`` the caching
+    allocator's peak statistic, elsewhere the allocator events."""
     from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, profile_memory=True) as prof:
@@ -149,7 +158,7 @@ def peak_training_memory(step: Callable[[], object]) -> int:
     return peak
 
 
-def training_memory_with_workspaces(step: Callable[[], object]) -> int:
+def training_memory_with_workspaces(step: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """:func:`peak_training_memory` of a step run once before (gradients and optimizer state exist, as in
     training), plus the mixing workspaces that the dynamic layers keep between steps (allocated during that
     first step, so not seen by the allocator events of the measured one)."""
@@ -157,7 +166,12 @@ def training_memory_with_workspaces(step: Callable[[], object]) -> int:
 
     clear_workspaces()
     step()
-    return peak_training_memory(step) + workspace_bytes()
+    return peak_training_memory(step, device) + workspace_bytes()
+
+
+def _device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -264,7 +278,7 @@ def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Te
     for name, t in interleaved_medians(train_fns, repeats).items():
         out[name]["train"] = t
     for name, fn in train_fns.items():
-        out[name]["memory"] = float(training_memory_with_workspaces(fn))
+        out[name]["memory"] = float(training_memory_with_workspaces(fn, train_input.device))
     return out
 
 
@@ -291,36 +305,37 @@ def _rows(kind: str, name: str, measured: dict[str, dict[str, float]], sides: di
 
 
 def benchmark_layer(shape: LayerShape, *, batch_size: int = 32, repeats: int = 5, naive: bool = True,
-                    num_experts: int = 4) -> list[dict]:
-    """Rows (dyconv and naive) for one layer shape against ``nn.Conv2d`` of the same shape."""
+                    num_experts: int = 4, device: torch.device | str = "cpu") -> list[dict]:
+    """Rows (dyconv and naive) for one layer shape against ``nn.Conv2d`` of the same shape, on ``device``."""
     torch.manual_seed(0)
-    static = shape.conv()
-    dynamic = shape.conv(DynamicConv2d, num_experts=num_experts)
+    static = shape.conv(device=device)
+    dynamic = shape.conv(DynamicConv2d, num_experts=num_experts, device=device)
     sides = {"static": _Side(static, FORMATS), "dyconv": _Side(dynamic, FORMATS)}
     if naive:
         sides["naive"] = _Side(NaiveDynamicConv2d(copy.deepcopy(dynamic)), ["contiguous"])
-    inputs = {"b1": torch.randn(1, shape.in_channels, shape.size, shape.size),
-              "batch": torch.randn(batch_size, shape.in_channels, shape.size, shape.size)}
+    inputs = {"b1": torch.randn(1, shape.in_channels, shape.size, shape.size, device=device),
+              "batch": torch.randn(batch_size, shape.in_channels, shape.size, shape.size, device=device)}
     half = max(1, shape.size // 2)
     # the input needs its gradient too, as it would inside a network
-    train_input = torch.randn(batch_size, shape.in_channels, half, half, requires_grad=True)
+    train_input = torch.randn(batch_size, shape.in_channels, half, half, device=device, requires_grad=True)
     measured = _measure(sides, inputs, train_input, lambda y: y.square().mean(), repeats, with_optimizer=False)
     return _rows("layer", shape.name, measured, sides)
 
 
 def benchmark_network(name: str, *, batch_size: int = 32, image_size: int = 224, train_image_size: int = 112,
-                      repeats: int = 5, naive: bool = True) -> list[dict]:
-    """Rows (dyconv and naive) for one network of :data:`NETWORKS` against its static torchvision twin."""
+                      repeats: int = 5, naive: bool = True, device: torch.device | str = "cpu") -> list[dict]:
+    """Rows (dyconv and naive) for one network of :data:`NETWORKS` against its static torchvision twin, on
+    ``device``."""
     torch.manual_seed(0)
     static, dynamic = build_network(name)
-    sides = {"static": _Side(static, FORMATS), "dyconv": _Side(dynamic, FORMATS)}
+    sides = {"static": _Side(static.to(device), FORMATS), "dyconv": _Side(dynamic.to(device), FORMATS)}
     if naive:
         _, twin = build_network(name)
-        sides["naive"] = _Side(naive_model(twin), ["contiguous"])
-    inputs = {"b1": torch.randn(1, 3, image_size, image_size),
-              "batch": torch.randn(batch_size, 3, image_size, image_size)}
-    train_input = torch.randn(batch_size, 3, train_image_size, train_image_size)
-    labels = torch.randint(0, 1000, (batch_size,))
+        sides["naive"] = _Side(naive_model(twin).to(device), ["contiguous"])
+    inputs = {"b1": torch.randn(1, 3, image_size, image_size, device=device),
+              "batch": torch.randn(batch_size, 3, image_size, image_size, device=device)}
+    train_input = torch.randn(batch_size, 3, train_image_size, train_image_size, device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
     measured = _measure(sides, inputs, train_input, lambda y: F.cross_entropy(y, labels), repeats,
                         with_optimizer=True)
     return _rows("network", name, measured, sides)
@@ -361,12 +376,15 @@ def format_table(rows: Sequence[dict], batch_size: int = 32) -> str:
     def fmt(r: dict, figure: str) -> str:
         return f"{_SHORT[r[figure + '_format']]}/{_SHORT[r[figure + '_static_format']]}"
 
+    def ms(value: float) -> str:  # two significant digits below 10 ms (GPU layers take a fraction of one)
+        return f"{value:.0f}" if value >= 10 else f"{value:.{1 if value >= 1 else 2}f}"
+
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['implementation']} | {r['b1_ratio']:.2f}× ({r['b1_static_ms']:.1f} ms) "
+            f"| {r['name']} | {r['implementation']} | {r['b1_ratio']:.2f}× ({ms(r['b1_static_ms'])} ms) "
             f"{fmt(r, 'b1')} "
-            f"| {r['batch_ratio']:.2f}× ({r['batch_static_ms']:.0f} ms) {fmt(r, 'batch')} | {r['train_ratio']:.2f}× "
-            f"({r['train_static_ms']:.0f} ms) {fmt(r, 'train')} | {r['memory_ratio']:.2f}× "
+            f"| {r['batch_ratio']:.2f}× ({ms(r['batch_static_ms'])} ms) {fmt(r, 'batch')} | {r['train_ratio']:.2f}× "
+            f"({ms(r['train_static_ms'])} ms) {fmt(r, 'train')} | {r['memory_ratio']:.2f}× "
             f"({r['memory_static_mb']:.0f} MB) |")
     return "\n".join(lines)
 
@@ -386,7 +404,8 @@ def write_results(rows: Sequence[dict], csv_path: str | None, json_path: str | N
 def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Sequence[str] | None = None,
                   batch_size: int = 32, image_size: int = 224, train_image_size: int = 112, repeats: int = 5,
                   threads: int | None = 2, naive: bool = True, verbose: bool = True,
-                  csv_path: str | None = None, json_path: str | None = None) -> list[dict]:
+                  csv_path: str | None = None, json_path: str | None = None,
+                  device: torch.device | str = "cpu") -> list[dict]:
     """Run the layer and network benchmarks; print the table if ``verbose``; write CSV/JSON if paths are given.
 
     Args:
@@ -397,6 +416,7 @@ def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Seque
         repeats: timed runs per figure and side (medians are reported).
         threads: ``torch.set_num_threads`` during the run (restored after); ``None`` leaves it.
         naive: also measure :class:`NaiveDynamicConv2d`.
+        device: where the models and inputs live (``"cuda"`` times the GPU; the targets are the CPU's).
 
     Returns:
         One dict per (shape or network, implementation) with the keys of :data:`COLUMNS`.
@@ -409,12 +429,13 @@ def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Seque
     rows: list[dict] = []
     try:
         for shape in layers:
-            rows += benchmark_layer(shape, batch_size=batch_size, repeats=repeats, naive=naive)
+            rows += benchmark_layer(shape, batch_size=batch_size, repeats=repeats, naive=naive, device=device)
             if verbose:
                 print(format_table(rows[-2 if naive else -1:], batch_size).split("\n", 2)[2], flush=True)
         for name in networks:
             rows += benchmark_network(name, batch_size=batch_size, image_size=image_size,
-                                      train_image_size=train_image_size, repeats=repeats, naive=naive)
+                                      train_image_size=train_image_size, repeats=repeats, naive=naive,
+                                      device=device)
             if verbose:
                 print(format_table(rows[-2 if naive else -1:], batch_size).split("\n", 2)[2], flush=True)
     finally:
@@ -424,6 +445,6 @@ def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Seque
         print(format_table(rows, batch_size))
     meta = {"threads": threads, "batch_size": batch_size, "image_size": image_size,
             "train_image_size": train_image_size, "repeats": repeats, "torch": torch.__version__,
-            "layers": [asdict(s) for s in layers], "networks": list(networks)}
+            "layers": [asdict(s) for s in layers], "networks": list(networks), "device": _device_name(device)}
     write_results(rows, csv_path, json_path, meta)
     return rows

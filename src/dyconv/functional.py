@@ -246,11 +246,20 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
 # two threads on the quiet machine, where it picks the fastest in 4 of 6 shapes, the others within 6 % and 17 %).
 EXPERTS_MAX_POSITIONS = 48
 UNFOLD_EXPERTS_MAX_POSITIONS = 4
+# On other devices (CUDA), where a layer's cost at these sizes is mostly its launches: "experts" (one dense
+# convolution with all K kernels) for ungrouped layers of at most this many output positions, and never
+# "unfold_experts". benchmarks/strategies.py --device cuda --train (H200, batch 32, ratios to static): "experts"
+# was faster than "chunked" for every ungrouped shape of the bench at 7² and 14², inference and training (3×3
+# 512->512 @7 inference 3.65x against 11.9x, training 2.24x against 6.59x; 1x1 576->96 @14 3.37x against 4.27x,
+# 2.34x against 2.63x), and slower at 56² inference (3×3 64->64 4.07x against 3.54x).
+ACCELERATOR_EXPERTS_MAX_POSITIONS = 196
 
 
 @torch.jit.unused
-def _experts_limits() -> List[int]:
-    return [EXPERTS_MAX_POSITIONS, UNFOLD_EXPERTS_MAX_POSITIONS]
+def _experts_limits(device_type: str) -> List[int]:
+    if device_type != "cpu":
+        return [-1, -1, ACCELERATOR_EXPERTS_MAX_POSITIONS]
+    return [EXPERTS_MAX_POSITIONS, UNFOLD_EXPERTS_MAX_POSITIONS, -1]
 
 
 def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
@@ -261,8 +270,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ungrouped layers at batch > 1 whose output is tiny (at most ``EXPERTS_MAX_POSITIONS / (K - 1)`` positions
     per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1) or
-    ``"experts"``; otherwise
-    ``"chunked"``. While tracing, exporting or compiling, only strategies without batch-size constants qualify.
+    ``"experts"``; otherwise ``"chunked"``. On other devices than the CPU instead: ``"experts"`` for ungrouped
+    layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output positions, else ``"chunked"``.
+    While tracing, exporting or compiling, only strategies without batch-size constants qualify.
     """
     batch_generic = False
     if not torch.jit.is_scripting():
@@ -270,10 +280,13 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     if not batch_generic:
         num_experts = weight.shape[0]
         if stride is not None and dilation is not None and groups == 1 and num_experts > 1 and x.shape[0] > 1:
-            limits = [48, 4]  # TorchScript reads no module globals; eager mode reads the two constants
+            # TorchScript reads no module globals (and keeps the CPU's rule); eager mode reads the constants
+            limits = [48, 4, -1]
             if not torch.jit.is_scripting():
-                limits = _experts_limits()
+                limits = _experts_limits(x.device.type)
             positions = output_positions(x, weight, stride, padding, dilation)
+            if positions <= limits[2]:
+                return "experts"
             if positions * (num_experts - 1) <= limits[0]:
                 if (positions <= limits[1] or x.shape[1] >= 256) and not kernel_is_one(weight):
                     return "unfold_experts"

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="network input size for inference")
     parser.add_argument("--train-image-size", type=int, default=112, help="network input size for training")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the run (default 2)")
+    parser.add_argument("--device", default="cpu", help="device of the models and inputs (e.g. cuda; default cpu)")
     parser.add_argument("--csv", default="dyconv-bench.csv", help="CSV output path ('' for none)")
     parser.add_argument("--json", default="dyconv-bench.json", help="JSON output path ('' for none)")
 
@@ -30,5 +31,6 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     run_benchmark(layers=layers, networks=args.networks, batch_size=args.batch_size, image_size=args.image_size,
                   train_image_size=args.train_image_size, repeats=repeats, threads=args.threads,
-                  naive=not args.no_naive, csv_path=args.csv or None, json_path=args.json or None)
+                  naive=not args.no_naive, csv_path=args.csv or None, json_path=args.json or None,
+                  device=args.device)
     return 0

@@ -1,0 +1,84 @@
+"""Every strategy of ``dyconv.functional.dynamic_conv`` on the bench's layer shapes, on one device.
+
+    PYTHONPATH=src python benchmarks/strategies.py --device cuda        # the GPU choices of dyconv._chunked.limits
+    PYTHONPATH=src python benchmarks/strategies.py --layers 512 --train
+
+For each layer shape of ``dyconv.benchmark.LAYER_SHAPES`` at batch 32 (inference at the listed size; with
+``--train`` also the training step, forward and backward, at half of it): the static ``nn.Conv2d`` and the layer
+with each strategy forced (``"auto"`` is the layer's own choice), interleaved, medians in ms and as ratios to
+static. Fresh layers (K = 4), contiguous format.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dyconv import DynamicConv2d
+from dyconv.benchmark import LAYER_SHAPES, interleaved_medians
+from dyconv.functional import STRATEGIES, dynamic_conv
+
+
+def strategy_forward(layer: DynamicConv2d, strategy: str):
+    def forward(x):
+        return dynamic_conv(x, layer.weight, layer.bias, layer.attention(x), layer.stride, layer._padding_pairs,
+                            layer.dilation, layer.groups, layer.padding_mode, strategy)
+
+    return forward
+
+
+def applicable(strategy: str, kernel_size: int) -> bool:
+    return strategy != "matmul" or kernel_size == 1
+
+
+def measure(shape, batch: int, device: str, train: bool, repeats: int, strategies) -> dict[str, float]:
+    torch.manual_seed(0)
+    static = shape.conv(device=device)
+    layer = shape.conv(DynamicConv2d, num_experts=4, device=device)
+    size = max(1, shape.size // 2) if train else shape.size
+    x = torch.randn(batch, shape.in_channels, size, size, device=device, requires_grad=train)
+    forwards = {"static": static, "auto": layer}
+    forwards.update({s: strategy_forward(layer, s) for s in strategies if applicable(s, shape.kernel_size)})
+
+    def call(forward):
+        if train:
+            return lambda: forward(x).square().mean().backward()
+
+        def infer():
+            with torch.no_grad():
+                forward(x)
+
+        return infer
+
+    return interleaved_medians({name: call(f) for name, f in forwards.items()}, repeats, warmup=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--train", action="store_true", help="also the training step")
+    parser.add_argument("--layers", nargs="*", default=None, metavar="SUBSTRING")
+    parser.add_argument("--strategies", nargs="*", default=[s for s in STRATEGIES if s != "loop"],
+                        choices=STRATEGIES)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [s for s in LAYER_SHAPES if args.layers is None or any(p in s.name for p in args.layers)]
+    figures = ["inference"] + (["train"] if args.train else [])
+    names = ["static", "auto"] + args.strategies
+    print(f"device {args.device}, batch {args.batch}; ratio to static (static in ms)")
+    print("| shape | figure | static ms | " + " | ".join(names[1:]) + " |")
+    print("|---|---|---|" + "---|" * (len(names) - 1))
+    for shape in shapes:
+        for figure in figures:
+            medians = measure(shape, args.batch, args.device, figure == "train", args.repeats, args.strategies)
+            static = medians["static"]
+            cells = [f"{medians[n] / static:.2f}×" if n in medians else "—" for n in names[1:]]
+            print(f"| {shape.name} | {figure} | {static * 1e3:.2f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
