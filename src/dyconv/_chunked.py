@@ -436,7 +436,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
                 grad_mixed = torch.bmm(gy_cols, cols.transpose(1, 2)) if (need_w or need_a) else None
                 if grad_x is not None:
                     w = mixed.reshape(n, mixed.shape[1], mixed.shape[2])
-                    grad_x[start:end] = torch.bmm(w.transpose(1, 2), gy_cols).reshape(x_c.shape)
+                    _bmm_into(w.transpose(1, 2), gy_cols, grad_x[start:end])
             elif per_sample:
                 grads: List[Tensor] = []
                 for i in range(n):
@@ -477,6 +477,23 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)
         return grad_x, grad_weight, grad_bias, grad_a, None, None, None, None, None
+
+
+def _bmm_into(a: Tensor, b: Tensor, dest: Tensor) -> None:
+    """``dest`` (``(n, C, *spatial)``, contiguous or channels_last) = ``a @ b`` as ``(n, C, L)``, written in place
+    (the product, or its transpose for channels_last, lands directly in ``dest``'s memory; no copy)."""
+    cols = dest.view(dest.shape[0], dest.shape[1], -1) if _viewable(dest) else None
+    if cols is not None and cols.is_contiguous():
+        torch.bmm(a, b, out=cols)
+    elif cols is not None and cols.transpose(1, 2).is_contiguous():
+        torch.bmm(b.transpose(1, 2), a.transpose(1, 2), out=cols.transpose(1, 2))
+    else:
+        dest.copy_(torch.bmm(a, b).view(dest.shape))
+
+
+def _viewable(t: Tensor) -> bool:
+    """Whether ``t``'s spatial dimensions merge into one without a copy (contiguous or channels_last)."""
+    return t.is_contiguous() or _channels_last(t)
 
 
 def _flatten_like(t: Tensor, order: List[int]) -> Tensor:
