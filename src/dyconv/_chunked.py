@@ -127,7 +127,8 @@ def clear_workspaces() -> None:
 
 def workspace_bytes() -> int:
     """Bytes held by this thread's mixing workspaces (at most one forward chunk and one backward chunk of
-    mixed kernels, or one sample's kernel where that is larger, per device and dtype)."""
+    mixed kernels, or one sample's kernel where that is larger, and one backward chunk of 1×1 kernel gradients,
+    per device and dtype)."""
     cache = getattr(_workspaces, "cache", None) or {}
     return sum(buf.numel() * buf.element_size() for buf in cache.values())
 
@@ -433,7 +434,17 @@ class _ChunkedDynamicConv(torch.autograd.Function):
             if matmul:
                 cols = x_c.reshape(n, x.shape[1], -1)
                 gy_cols = gy.reshape(n, gy.shape[1], -1)
-                grad_mixed = torch.bmm(gy_cols, cols.transpose(1, 2)) if (need_w or need_a) else None
+                grad_mixed = None
+                if need_w or need_a:
+                    # per-sample kernel gradients into a reused buffer, like the mixed kernels (MobileNetV2's 1x1
+                    # layers at 7² and 14², training step, batch 32, both formats: faster by up to a fifth in five
+                    # of six cases, 2 % slower in one, against fresh memory; ad-hoc A/B, 31 interleaved steps)
+                    gbuf = workspace(n * mixed.shape[1] * mixed.shape[2], flat, 2)
+                    if gbuf is None:
+                        grad_mixed = torch.bmm(gy_cols, cols.transpose(1, 2))
+                    else:
+                        grad_mixed = torch.bmm(gy_cols, cols.transpose(1, 2),
+                                               out=gbuf.view(n, mixed.shape[1], mixed.shape[2]))
                 if grad_x is not None:
                     w = mixed.reshape(n, mixed.shape[1], mixed.shape[2])
                     _bmm_into(w.transpose(1, 2), gy_cols, grad_x[start:end])
