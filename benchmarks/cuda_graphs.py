@@ -15,25 +15,16 @@ import argparse
 
 import torch
 
-from dyconv.benchmark import build_network, interleaved_medians
+from dyconv.benchmark import build_network, cuda_graph, interleaved_medians
 
 
 def graphed(model: torch.nn.Module, x: torch.Tensor):
-    """A function that replays ``model(x)`` from a CUDA graph (captured after warm-up calls on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        out = model(x)
+    """A function that replays ``model(x)`` from a CUDA graph, checked against the eager numbers first."""
+    replay, out = cuda_graph(model, x)
+    replay()
     with torch.no_grad():
-        expected = model(x)
-    graph.replay()
-    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)  # the graph computes the eager numbers
-    return graph.replay
+        torch.testing.assert_close(out, model(x), rtol=1e-3, atol=1e-3)
+    return replay
 
 
 def eager(model: torch.nn.Module, x: torch.Tensor):

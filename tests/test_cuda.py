@@ -245,21 +245,14 @@ def test_benchmark_on_cuda(tmp_path):
 def test_cuda_graph_replay_matches_eager(batch):
     """Inference captured in a CUDA graph (no host synchronisation inside the layers) replays the eager
     numbers, also after the input changes in place."""
+    from dyconv.benchmark import cuda_graph
     from test_compile import small_stack
 
     model = small_stack(2).cuda()
     x = torch.randn(batch, 3, 8, 8, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(2):
-            model(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        out = model(x)
+    replay, out = cuda_graph(model, x)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
-        graph.replay()
+        replay()
         with torch.no_grad():
             torch.testing.assert_close(out, model(x), **TOL[torch.float32])
