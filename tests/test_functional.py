@@ -111,9 +111,15 @@ def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     assert select_strategy(torch.zeros(4, 8, 1, 1), w[:1], [1, 1], 1, one, one) == "chunked"
 
 
-def test_auto_on_other_devices_picks_experts_up_to_14x14_outputs():
-    """On other devices than the CPU (meta stands in for CUDA here) ungrouped layers at batch > 1 with at most
-    ACCELERATOR_EXPERTS_MAX_POSITIONS (196) output positions use "experts", never "unfold_experts"."""
+@pytest.fixture
+def meta_as_accelerator(monkeypatch):
+    """meta tensors follow the non-CPU rules (meta stands in for CUDA here; normally it follows the CPU's)."""
+    monkeypatch.setattr(_chunked, "CPU_RULES", ("cpu",))
+
+
+def test_auto_on_other_devices_picks_experts_up_to_14x14_outputs(meta_as_accelerator):
+    """On other devices than the CPU ungrouped layers at batch > 1 with at most ACCELERATOR_EXPERTS_MAX_POSITIONS
+    (196) output positions use "experts", never "unfold_experts"."""
     one = [1, 1]
 
     def pick(x, w, padding=one, groups=1, stride=one):
@@ -301,9 +307,10 @@ def test_workspace_from_inference_mode_serves_training(kernel_size):
 
 @pytest.mark.parametrize("device,expected", [
     ("cpu", ["tiles"]),  # one sample's kernel (2.4M) exceeds a chunk (2M): tiles of the output channels
-    ("meta", ["one folded chunk"]),  # any other device: the 8 samples in one chunk folded into the groups
+    ("meta", ["one folded chunk"]),  # any other device (meta standing in): the 8 samples in one folded chunk
 ])
 def test_chunks_tiles_and_per_sample_are_for_the_cpu(device, expected, monkeypatch):
+    monkeypatch.setattr(_chunked, "CPU_RULES", ("cpu",))
     calls = []
     tiled, conv_chunk = _chunked._tiled_forward, _chunked._conv_chunk
 

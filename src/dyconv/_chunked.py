@@ -29,7 +29,8 @@ Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows bo
   tile stay in the cache while every sample's kernel for that tile is mixed and convolved.
 
 On other devices (CUDA) none of this applies: no workspace, no tiles, no per-sample convolutions, and chunks of
-up to ``ACCELERATOR_CHUNK_ELEMENTS`` (:func:`limits`), so that a layer is a few large launches.
+up to ``ACCELERATOR_CHUNK_ELEMENTS`` (:func:`limits`), so that a layer is a few large launches. (``meta`` tensors
+follow the CPU's rules: ``CPU_RULES``.)
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 17
 # elements of mixed kernels (128 MiB of fp32; twice that in backward, kernels and their gradients).
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
 _NEVER = 1 << 62
+# Device types that follow the CPU's rules (here and in dyconv.functional.select_strategy): the CPU, and meta
+# (shape-only tensors), so that dyconv.profile counts a model built on meta as the CPU would run it.
+CPU_RULES = ("cpu", "meta")
 
 _workspaces = threading.local()
 
@@ -136,7 +140,7 @@ def workspace_bytes() -> int:
 def limits(device_type: str) -> Tuple[int, int, int, int, int]:
     """``(forward chunk elements, backward chunk elements, expert tile elements, per-sample minimum positions,
     per-sample grouped minimum elements)`` for a device type (read at call time: tests change them)."""
-    if device_type == "cpu":
+    if device_type in CPU_RULES:
         return (FORWARD_CHUNK_ELEMENTS, BACKWARD_CHUNK_ELEMENTS, EXPERT_TILE_ELEMENTS, PER_SAMPLE_MIN_POSITIONS,
                 PER_SAMPLE_GROUPED_MIN_ELEMENTS)
     return ACCELERATOR_CHUNK_ELEMENTS, ACCELERATOR_CHUNK_ELEMENTS, _NEVER, _NEVER, _NEVER

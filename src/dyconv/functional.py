@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _chunked
 from ._chunked import conv_chunked, kernel_is_one, output_positions, tracing_exporting_or_compiling
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
@@ -257,7 +258,7 @@ ACCELERATOR_EXPERTS_MAX_POSITIONS = 196
 
 @torch.jit.unused
 def _experts_limits(device_type: str) -> List[int]:
-    if device_type != "cpu":
+    if device_type not in _chunked.CPU_RULES:
         return [-1, -1, ACCELERATOR_EXPERTS_MAX_POSITIONS]
     return [EXPERTS_MAX_POSITIONS, UNFOLD_EXPERTS_MAX_POSITIONS, -1]
 
@@ -270,8 +271,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ungrouped layers at batch > 1 whose output is tiny (at most ``EXPERTS_MAX_POSITIONS / (K - 1)`` positions
     per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1) or
-    ``"experts"``; otherwise ``"chunked"``. On other devices than the CPU instead: ``"experts"`` for ungrouped
-    layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output positions, else ``"chunked"``.
+    ``"experts"``; otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead: ``"experts"``
+    for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output positions, else
+    ``"chunked"``.
     While tracing, exporting or compiling, only strategies without batch-size constants qualify.
     """
     batch_generic = False
