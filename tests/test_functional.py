@@ -305,6 +305,33 @@ def test_workspace_from_inference_mode_serves_training(kernel_size):
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_accelerator_rules_run_on_the_cpu_match_reference(grad, monkeypatch):
+    """The non-CPU rules ("experts" up to 196 output positions, whole folded chunks), run on the CPU so CI checks
+    their numbers: float64 against the reference, and under bfloat16 autocast."""
+    import dyconv.functional
+
+    monkeypatch.setattr(_chunked, "CPU_RULES", ())
+    experts = []
+    real = dyconv.functional.conv_experts
+    monkeypatch.setattr(dyconv.functional, "conv_experts", lambda *args: experts.append(1) or real(*args))
+    for size, uses_experts in ((10, True), (15, False)):  # 100 output positions, 225
+        experts.clear()
+        layer = DynamicConv2d(8, 16, 3, padding=1, num_experts=3, dtype=torch.float64)
+        x = torch.randn(4, 8, size, size, dtype=torch.float64, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
+            ref = per_sample_reference(layer, x)
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+        if grad:
+            assert_gradients_match_loop(layer, x, out)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            low = copy.deepcopy(layer).float()(x.detach().float().requires_grad_(grad))
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), ref.detach().float(), **TOL[torch.bfloat16])
+        assert bool(experts) == uses_experts
+
+
 @pytest.mark.parametrize("device,expected", [
     ("cpu", ["tiles"]),  # one sample's kernel (2.4M) exceeds a chunk (2M): tiles of the output channels
     ("meta", ["one folded chunk"]),  # any other device (meta standing in): the 8 samples in one folded chunk
