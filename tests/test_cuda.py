@@ -1,8 +1,9 @@
 """The CUDA path against the float64 reference computed on the CPU: every strategy called directly, the layers
 forward and backward (train and eval, batch 1 and batched, every padding form, groups and rank), the one-sample
-path, the chunked strategy over several chunks and per sample, channels_last, the paper's networks, and
-torch.compile. Skipped where no CUDA device is present (CI has none); run them where one is:
-``pytest tests/test_cuda.py``."""
+path, the chunked strategy over several chunks and per sample, channels_last, the paper's networks, the
+training-memory bound, the GPU's strategy rules, the benchmark on the device, torch.compile and CUDA-graph
+replay. Skipped where no CUDA device is present (CI has none); run them where one is:
+``PYTHONPATH=src pytest tests/test_cuda.py --runslow``."""
 
 import copy
 import json
