@@ -1,6 +1,6 @@
 """Every strategy of ``dyconv.functional.dynamic_conv`` on the bench's layer shapes, on one device.
 
-    PYTHONPATH=src python benchmarks/strategies.py --device cuda        # the GPU choices of dyconv._chunked.limits
+    PYTHONPATH=src python benchmarks/strategies.py --device cuda --train   # behind the GPU rules (README "On a GPU")
     PYTHONPATH=src python benchmarks/strategies.py --layers 512 --train
 
 For each layer shape of ``dyconv.benchmark.LAYER_SHAPES`` at batch 32 (inference at the listed size; with
