@@ -78,3 +78,21 @@ def test_cli_network_smoke(tmp_path):
     with open(tmp_path / "n.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == ["resnet18", "resnet18", "mobilenet_v2", "mobilenet_v2"]
+
+
+def test_each_side_counts_its_faster_format_timed_in_the_same_rounds(monkeypatch):
+    import dyconv.benchmark as bench
+
+    sides = {"a": bench._Side(torch.nn.Identity(), bench.FORMATS), "b": bench._Side(torch.nn.Identity(), bench.FORMATS)}
+    calls = []
+    runners = {name: {fmt: (lambda name=name, fmt=fmt: calls.append((name, fmt))) for fmt in bench.FORMATS}
+               for name in sides}
+    # interleaved: one call of every side and format per round (a warm-up round, then three timed ones)
+    bench._timed_in_best_format(sides, "batch", runners, repeats=3)
+    assert calls == [("a", "contiguous"), ("a", "channels_last"), ("b", "contiguous"), ("b", "channels_last")] * 4
+    # each side's figure is its faster format's median, and that format is recorded
+    medians = {("a", "contiguous"): 2.0, ("a", "channels_last"): 1.0, ("b", "contiguous"): 3.0,
+               ("b", "channels_last"): 4.0}
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, repeats, settle=0: medians)
+    assert bench._timed_in_best_format(sides, "train", runners, repeats=3) == {"a": 1.0, "b": 3.0}
+    assert sides["a"].chosen["train"] == "channels_last" and sides["b"].chosen["train"] == "contiguous"

@@ -9,15 +9,15 @@ against torchvision's static ``resnet18`` / ``mobilenet_v2``:
 - the same for :class:`NaiveDynamicConv2d`, the batch-as-groups implementation most public code copies.
 
 Method. The sides of a comparison run interleaved (static, dyconv, naive, static, ...), so a slow spell of a
-shared machine hits all of them alike, and each figure is the median over the repeats. The static side and
-the dyconv side each run every figure in their faster memory format for it (contiguous or channels_last, chosen
-by a short calibration per figure and reported; one copy of the model per format, so nothing is converted
-between timed calls); the naive side runs contiguous, as written by its authors. Peak training memory
-is read from PyTorch's own allocator events (``torch.profiler`` with ``profile_memory=True``, device CPU or
-CUDA alike): the running sum of every allocation and free during one training step, maximised; it counts
-the activations kept for backward, the temporaries and the gradients allocated by the step, not the
-parameters and optimizer state that exist before it. Layer rows train at half the listed spatial size,
-where the layer sits in a network fed 112² images.
+shared machine hits all of them alike, and each figure is the median over the repeats. The static side and the
+dyconv side each run every figure in their faster memory format for it (contiguous or channels_last: every format
+of every side is timed in the same interleaved rounds and the faster median counts, the format is reported; one
+copy of the model per format, so nothing is converted between timed calls); the naive side runs contiguous, as
+written by its authors. Peak training memory is read from PyTorch's own allocator events (``torch.profiler`` with
+``profile_memory=True``, device CPU or CUDA alike): the running sum of every allocation and free during one
+training step, maximised; it counts the activations kept for backward, the temporaries and the gradients allocated
+by the step, not the parameters and optimizer state that exist before it. Layer rows train at half the listed
+spatial size, where the layer sits in a network fed 112² images.
 
 The DY networks are ``dyconv.convert(torchvision model, init="fresh")``: every convolution but the stem
 becomes a :class:`dyconv.DynamicConv2d` with the torchvision shapes (K = 4).
@@ -260,39 +260,51 @@ class _Side:
         fmt = fmt or self.chosen[figure]
         return make_fn(self.models[fmt], x.contiguous(memory_format=FORMATS[fmt]))
 
-    def calibrate(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
-                  x: Tensor) -> None:
-        """Pick the faster memory format for ``figure`` (interleaved medians of three runs after a warm-up)."""
-        if len(self.formats) == 1:
-            return
-        medians = interleaved_medians({fmt: self.runner(figure, make_fn, x, fmt) for fmt in self.formats}, 3)
-        self.chosen[figure] = min(self.formats, key=lambda fmt: medians[fmt])
+    def runners(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
+                x: Tensor) -> dict[str, Callable[[], object]]:
+        """``make_fn``'s function for ``figure`` in every format of this side."""
+        return {fmt: self.runner(figure, make_fn, x, fmt) for fmt in self.formats}
+
+
+def _timed_in_best_format(sides: dict[str, _Side], figure: str,
+                          runners: dict[str, dict[str, Callable[[], object]]], repeats: int,
+                          settle: int = 0) -> dict[str, float]:
+    """Every format of every side timed in the same interleaved rounds; each side's figure is its faster
+    format's median (recorded in ``side.chosen``)."""
+    fns = {(name, fmt): fn for name, by_format in runners.items() for fmt, fn in by_format.items()}
+    medians = interleaved_medians(fns, repeats, settle=settle)
+    best: dict[str, float] = {}
+    for name, side in sides.items():
+        fmt = min(side.formats, key=lambda f: medians[(name, f)])
+        side.chosen[figure] = fmt
+        best[name] = medians[(name, fmt)]
+    return best
 
 
 def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Tensor,
              loss_fn: Callable[[Tensor], Tensor], repeats: int, with_optimizer: bool) -> dict[str, dict[str, float]]:
     """Medians (seconds) and peak memory (bytes) of every side for the three figures, each side and figure in
-    its faster memory format."""
+    its faster memory format: all formats of all sides run in the same interleaved rounds, and the faster
+    median of each side counts (a separate short calibration had picked the slower format in some runs)."""
     out: dict[str, dict[str, float]] = {name: {} for name in sides}
     for figure in ("b1", "batch"):
         for side in sides.values():
             side.train(False)
-            side.calibrate(figure, _infer, inputs[figure])
-        fns = {name: side.runner(figure, _infer, inputs[figure]) for name, side in sides.items()}
+        runners = {name: side.runners(figure, _infer, inputs[figure]) for name, side in sides.items()}
         settle = 2 if figure == "b1" else 0
-        for name, t in interleaved_medians(fns, repeats, settle=settle).items():
+        for name, t in _timed_in_best_format(sides, figure, runners, repeats, settle).items():
             out[name][figure] = t
-    train_fns = {}
+    runners = {}
     for name, side in sides.items():
         side.train(True)
         optimizers = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if with_optimizer else None
                       for m in side.models.values()}
         make = (lambda model, x, optimizers=optimizers: _train(model, x, loss_fn, optimizers[id(model)]))
-        side.calibrate("train", make, train_input)
-        train_fns[name] = side.runner("train", make, train_input)
-    for name, t in interleaved_medians(train_fns, repeats).items():
+        runners[name] = side.runners("train", make, train_input)
+    for name, t in _timed_in_best_format(sides, "train", runners, repeats).items():
         out[name]["train"] = t
-    for name, fn in train_fns.items():
+    for name, side in sides.items():
+        fn = runners[name][side.chosen["train"]]
         out[name]["memory"] = float(training_memory_with_workspaces(fn, train_input.device))
     return out
 
