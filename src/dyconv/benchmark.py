@@ -254,16 +254,10 @@ class _Side:
         for model in self.models.values():
             model.train(mode)
 
-    def runner(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
-               x: Tensor, fmt: str | None = None) -> Callable[[], object]:
-        """``make_fn``'s function for ``figure`` in the format chosen for it (or ``fmt``)."""
-        fmt = fmt or self.chosen[figure]
-        return make_fn(self.models[fmt], x.contiguous(memory_format=FORMATS[fmt]))
-
-    def runners(self, figure: str, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
+    def runners(self, make_fn: Callable[[nn.Module, Tensor], Callable[[], object]],
                 x: Tensor) -> dict[str, Callable[[], object]]:
-        """``make_fn``'s function for ``figure`` in every format of this side."""
-        return {fmt: self.runner(figure, make_fn, x, fmt) for fmt in self.formats}
+        """``make_fn``'s function for every format of this side (its model copy and ``x`` in that format)."""
+        return {fmt: make_fn(model, x.contiguous(memory_format=FORMATS[fmt])) for fmt, model in self.models.items()}
 
 
 def _timed_in_best_format(sides: dict[str, _Side], figure: str,
@@ -290,7 +284,7 @@ def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Te
     for figure in ("b1", "batch"):
         for side in sides.values():
             side.train(False)
-        runners = {name: side.runners(figure, _infer, inputs[figure]) for name, side in sides.items()}
+        runners = {name: side.runners(_infer, inputs[figure]) for name, side in sides.items()}
         settle = 2 if figure == "b1" else 0
         for name, t in _timed_in_best_format(sides, figure, runners, repeats, settle).items():
             out[name][figure] = t
@@ -300,7 +294,7 @@ def _measure(sides: dict[str, _Side], inputs: dict[str, Tensor], train_input: Te
         optimizers = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if with_optimizer else None
                       for m in side.models.values()}
         make = (lambda model, x, optimizers=optimizers: _train(model, x, loss_fn, optimizers[id(model)]))
-        runners[name] = side.runners("train", make, train_input)
+        runners[name] = side.runners(make, train_input)
     for name, t in _timed_in_best_format(sides, "train", runners, repeats).items():
         out[name]["train"] = t
     for name, side in sides.items():
