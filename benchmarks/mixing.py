@@ -17,7 +17,11 @@
    sample (``dyconv._chunked.PER_SAMPLE_MIN_POSITIONS``), for 3×3 and depthwise 3×3 layers at several sizes.
 4. *Depthwise layers of MobileNetV2* (batch 32, inference; ``--part depthwise``): static in both memory formats,
    the chunked strategy folded and per sample in both, and the attention alone (its pooling pass reads the whole
-   input, as the convolution does), each side a module of its own format.
+   input, as the convolution does), each side a module of its own format. For channels_last input the folded
+   convolution runs in channels_last (``dyconv._chunked._folded_channels_last``); "folded CL via C" is the plain
+   fold instead (the chunk copied to the contiguous format, a contiguous output). Every call gets a fresh copy
+   of the input (its cost is "input copy", included in every side's time), as inside a network, where a
+   layer's input has just been written.
 
 Sides are interleaved (one call of each per round) and the medians are printed, in ms and as ratios to static.
 """
@@ -162,13 +166,16 @@ def depthwise(rounds: int) -> None:
               (576, 14, 1), (576, 14, 2), (960, 7, 1))
     defaults = _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS
 
-    def call(layer, x, per_sample=None):
+    folds_channels_last = _chunked._folds_channels_last
+
+    def call(layer, x, per_sample=None, via_contiguous=False):
         def run():
             if per_sample is not None:  # every sample on its own, or every chunk folded
                 _chunked.PER_SAMPLE_MIN_POSITIONS = 1 if per_sample else 10**9
                 _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
+            _chunked._folds_channels_last = (lambda x, groups: False) if via_contiguous else folds_channels_last
             with torch.no_grad():
-                layer(x)
+                layer(x.clone())
         return run
 
     for channels, size, stride in shapes:
@@ -180,12 +187,16 @@ def depthwise(rounds: int) -> None:
             static, dy = static.to(memory_format=memory_format), dy.eval().to(memory_format=memory_format)
             fns[f"static {fmt}"] = call(static, x)
             fns[f"folded {fmt}"] = call(dy, x, per_sample=False)
+            if fmt == "CL":
+                fns["folded CL via C"] = call(dy, x, per_sample=False, via_contiguous=True)
             fns[f"per-sample {fmt}"] = call(dy, x, per_sample=True)
             fns[f"attention {fmt}"] = call(dy.attention, x)
+            fns[f"input copy {fmt}"] = lambda x=x: x.clone()
         try:
             r = interleaved(fns, rounds)
         finally:
             _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
+            _chunked._folds_channels_last = folds_channels_last
         best = min(r["static C"], r["static CL"])
         print(f"  dw {channels} @{size} stride {stride}: static C {r['static C']:.1f} ms, CL {r['static CL']:.1f} ms; "
               + ", ".join(f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))

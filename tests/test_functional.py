@@ -32,7 +32,7 @@ def run(layer, x, strategy):
 def assert_gradients_match_loop(layer, x, out):
     """Gradients of ``out`` (from ``layer`` on ``x``) w.r.t. input, experts, bias and router equal the
     ``"loop"`` strategy's (plain autograd through per-sample dense convolutions)."""
-    params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+    params = [p for p in (x, layer.weight, layer.bias, *layer.router.parameters()) if p is not None]
     grads = torch.autograd.grad(out.sin().sum(), params)
     ref_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
     for g, r in zip(grads, ref_grads):
@@ -397,6 +397,45 @@ def test_chunked_channels_last_forward_and_backward(tiny_chunks, per_sample, ker
     grads = torch.autograd.grad(out.sin().sum(), [layer_cl.weight, layer_cl.bias])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("case", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2, padding=2),
+                                  dict(kernel_size=2, padding=0, bias=False)], ids=str)
+@pytest.mark.parametrize("out_channels", [8, 16])  # depth multiplier 1 and 2
+def test_depthwise_channels_last_folds_in_channels_last(tiny_chunks, monkeypatch, rank, case, out_channels):
+    """Folded depthwise chunks of channels_last input are convolved in channels_last (the chunk moved to
+    (*spatial, n, C) memory): output and every gradient against the reference, the path taken for every chunk, a
+    channels_last output."""
+    monkeypatch.setattr(_chunked, "PER_SAMPLE_MIN_POSITIONS", 10**9)
+    calls = []
+    real = _chunked._folded_channels_last
+    monkeypatch.setattr(_chunked, "_folded_channels_last", lambda *args: calls.append(args[0].shape[0]) or real(*args))
+    layer = LAYER[rank](8, out_channels, groups=8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
+    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
+    x = torch.randn(5, 8, *SPATIAL[rank], dtype=torch.float64)
+    ref = per_sample_reference(layer, x)
+    x_cl = x.contiguous(memory_format=fmt).requires_grad_()
+    with torch.no_grad():
+        out = run(layer, x_cl, "chunked")
+    assert calls == [2, 2, 1]  # every chunk (tiny_chunks: 2 samples each) took the path
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    out = run(layer, x_cl, "chunked")  # with gradients: the custom function's forward takes it too
+    assert len(calls) == 6
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    assert_gradients_match_loop(layer, x_cl, out)
+
+
+def test_channels_last_fold_only_for_depthwise_on_the_cpu():
+    x = torch.zeros(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert _chunked._folds_channels_last(x, 8)
+    assert not _chunked._folds_channels_last(x, 4)  # grouped, two channels per group: the plain fold
+    assert not _chunked._folds_channels_last(x, 1)  # dense: the plain fold
+    assert not _chunked._folds_channels_last(x.contiguous(), 8)  # contiguous: the fold is a view
+    meta = torch.zeros(2, 8, 5, 5, device="meta")  # meta follows the CPU's rules (dyconv.profile)
+    assert not _chunked._folds_channels_last(meta, 8)
+    assert _chunked._folds_channels_last(meta.to(memory_format=torch.channels_last), 8)
 
 
 def largest_saved_tensor(layer, x, strategy):
