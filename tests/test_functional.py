@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from dyconv import _chunked
@@ -64,6 +65,41 @@ def test_strategy_gradients_agree(strategy):
     grads = torch.autograd.grad(run(layer, x, strategy).square().sum(), [x, layer.weight, layer.bias])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op that writes a new tensor or copies into one, with the numel it writes (views excluded:
+    they write nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        is_view = len(returns) == 1 and returns[0].alias_info is not None and not func._schema.is_mutable
+        if not is_view:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.written.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("strategy", ["unfold_experts", "experts"])
+def test_expert_gradient_written_once(strategy):
+    """The K-kernel strategies' backward (plain autograd through views of the experts) writes the experts'
+    gradient once, in their own layout: no copy of K kernels' worth of gradient ("unfold_experts" once multiplied
+    by the experts' transposed view, which wrote the gradient transposed, and autograd copied it back)."""
+    layer = DynamicConv2d(8, 16, 3, padding=1, bias=False, num_experts=3)
+    x = torch.randn(4, 8, 3, 3)
+    loss = run(layer, x, strategy).square().sum()
+    recorder = _RecordOps()
+    with recorder:
+        loss.backward()
+    writes = [name for name, numel in recorder.written if numel == layer.weight.numel()]
+    assert len(writes) == 1, writes
+    assert layer.weight.grad.is_contiguous()
 
 
 def test_attention_need_not_be_a_softmax():
