@@ -14,7 +14,7 @@ import torch
 import dyconv
 from dyconv import DynamicConv2d, _chunked
 from reference import TOL, per_sample_reference
-from test_functional import CASES, LAYER, SPATIAL, applicable, largest_saved_tensor, run
+from test_functional import CASES, LAYER, SPATIAL, largest_saved_tensor, run, strategy_case
 from test_layers import CONFIGS, make, make_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -46,10 +46,7 @@ def assert_same_on_cpu_and_cuda(layer, x, fn=lambda m, x: m(x)):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_strategy_on_cuda_matches_reference(strategy, rank, case, batch):
-    layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
-    if not applicable(strategy, layer):
-        pytest.skip("matmul is for unpadded 1x1 kernels")
-    x = torch.randn(batch, 4, *SPATIAL[rank], dtype=torch.float64)
+    layer, x = strategy_case(strategy, rank, case, batch)
     expected = per_sample_reference(layer, x)
     torch.testing.assert_close(run(on_cuda(layer), x.cuda(), strategy).cpu(), expected, **F64)
     assert_same_on_cpu_and_cuda(layer, x, lambda m, x: run(m, x, strategy))

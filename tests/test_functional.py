@@ -45,15 +45,20 @@ def applicable(strategy, layer):
     return strategy != "matmul" or one_by_one
 
 
+def strategy_case(strategy, rank, case, batch):
+    """``(layer, x)`` in float64 for one cell of the strategy grid (skips where ``strategy`` does not apply)."""
+    layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
+    if not applicable(strategy, layer):
+        pytest.skip("matmul is for unpadded 1x1 kernels")
+    return layer, torch.randn(batch, 4, *SPATIAL[rank], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_strategy_matches_reference(strategy, rank, case, batch):
-    layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
-    if not applicable(strategy, layer):
-        pytest.skip("matmul is for unpadded 1x1 kernels")
-    x = torch.randn(batch, 4, *SPATIAL[rank], dtype=torch.float64)
+    layer, x = strategy_case(strategy, rank, case, batch)
     torch.testing.assert_close(run(layer, x, strategy), per_sample_reference(layer, x), **TOL[torch.float64])
 
 
