@@ -326,7 +326,8 @@ def _folded_channels_last(x: Tensor, mixed: Tensor, b: Optional[Tensor], stride:
     channels_last ``(1, n * C, *spatial)`` tensor, convolved with channels_last kernels (the same memory as
     contiguous ones for depthwise kernels), and the output copied back to channels_last ``(n, C_out, *spatial)``.
     Batch 32, MobileNetV2's depthwise layers at 7²-112² (``benchmarks/mixing.py --part depthwise``: "folded CL"
-    against "folded CL via C"): faster in 17 of 20 rows over two runs, e.g. 384 @14 2.36x static against 4.52x.
+    against "folded CL via C"): faster in 8 of 10 rows in the README's run, e.g. 384 @14 2.36x static against
+    4.52x.
     """
     chunk, channels, out_channels, rank = x.shape[0], x.shape[1], mixed.shape[1], x.dim() - 2
     spatial = list(x.shape[2:])
