@@ -440,6 +440,26 @@ def test_chunked_channels_last_forward_and_backward(tiny_chunks, per_sample, ker
         torch.testing.assert_close(g, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("strategy", ["experts", "unfold_experts"])
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_k_kernel_strategies_keep_channels_last(strategy, rank, case, batch):
+    """The K-kernel strategies on channels_last input mix the K outputs from channels-last memory: output and every
+    gradient against the reference and the "loop" strategy, and in 2-D a channels_last output, as a static
+    convolution returns for such input (they once copied the K outputs to the contiguous format and returned a
+    contiguous output into a channels_last network). In 3-D the output follows the convolution they run (the
+    CPU's dense float64 conv3d returns contiguous output for channels_last_3d input, its depthwise one does not)."""
+    layer, x = strategy_case(strategy, rank, case, batch)
+    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
+    x_cl = x.contiguous(memory_format=fmt).requires_grad_()
+    out = run(layer, x_cl, strategy)
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    if rank == 2 and out[0, 0].numel() > 1:  # (with one output position both formats hold at once)
+        assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous()
+    assert_gradients_match_loop(layer, x_cl, out)
+
+
 @pytest.mark.parametrize("rank", [2, 3])
 @pytest.mark.parametrize("case", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2, padding=2),
                                   dict(kernel_size=2, padding=0, bias=False)], ids=str)

@@ -62,6 +62,21 @@ def conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], padding: 
     return F.conv3d(x, w, b, stride, padding, dilation, groups)
 
 
+def channels_last_memory(t: Tensor) -> bool:
+    """Whether ``t`` ``(B, C, *spatial)`` lies in channels-last memory ``(B, *spatial, C)`` and not also in the
+    contiguous format (rank-generic: ``torch.channels_last`` for 2-D, ``channels_last_3d`` for 3-D)."""
+    if t.dim() < 3 or t.is_contiguous():
+        return False
+    return t.permute([0] + list(range(2, t.dim())) + [1]).is_contiguous()
+
+
+def channels_first(t: Tensor, out_size: List[int]) -> Tensor:
+    """``t``, whose memory holds ``(B, *out_size, ...)`` with the channels last, as ``(B, C, *out_size)``: a view,
+    channels_last for 2-D and 3-D outputs."""
+    t = t.reshape([t.shape[0]] + out_size + [-1])
+    return t.permute([0, t.dim() - 1] + list(range(1, t.dim() - 1)))
+
+
 def _subsample(x: Tensor, stride: List[int]) -> Tensor:
     rank = x.dim() - 2
     if rank == 1:
@@ -191,11 +206,25 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
     w = w.reshape([groups * num_experts * per_group] + list(weight.shape[2:]))
     y = conv(x, w, None, stride, padding, dilation, groups)
     out_size = list(y.shape[2:])
-    y = y.reshape(y.shape[0], groups, num_experts, -1)
-    # mix as (1, K) @ (K, per_group * L) per sample and group: one pass over the K outputs (in onnxruntime
-    # about a quarter faster than multiply-then-sum, which writes and re-reads K outputs)
-    a = attention.to(y.dtype).reshape(attention.shape[0], 1, 1, num_experts)
-    out = torch.matmul(a, y).reshape([y.shape[0], out_channels] + out_size)
+    if channels_last_memory(y):
+        # y's memory is (B, *spatial, groups, K, per_group): mix as (1, K) @ (K, per_group) per sample, position
+        # and group, straight from that memory, into a channels_last output (reshaping y to the layout below
+        # would copy all K outputs into the contiguous format, and the rest of a channels_last network would
+        # run on a contiguous output: `dyconv bench`'s DY-MobileNetV2 training step, whose 1x1 layers at 4x4
+        # take this strategy)
+        positions = 1
+        for size in out_size:
+            positions *= size
+        y_last = y.permute([0] + list(range(2, y.dim())) + [1]).reshape(y.shape[0], positions, groups,
+                                                                          num_experts, per_group)
+        a = attention.to(y.dtype).reshape(attention.shape[0], 1, 1, 1, num_experts)
+        out = channels_first(torch.matmul(a, y_last), out_size)
+    else:
+        y = y.reshape(y.shape[0], groups, num_experts, -1)
+        # mix as (1, K) @ (K, per_group * L) per sample and group: one pass over the K outputs (in onnxruntime
+        # about a quarter faster than multiply-then-sum, which writes and re-reads K outputs)
+        a = attention.to(y.dtype).reshape(attention.shape[0], 1, 1, num_experts)
+        out = torch.matmul(a, y).reshape([y.shape[0], out_channels] + out_size)
     mixed_bias: Optional[Tensor] = None
     if bias is not None:
         mixed_bias = torch.mm(attention.to(bias.dtype), bias)
@@ -216,7 +245,14 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
         positions *= size
     # (g, B * L, C_in/g * taps): one matrix product per group over the whole batch (a broadcast matmul
     # would expand the experts to one copy per sample)
-    cols = patches.reshape(batch, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions, -1)
+    last = channels_last_memory(patches)
+    if last:
+        # channels_last input: the patches' memory is (B, L, g, C_in/g * taps) already (a view when g = 1)
+        cols = patches.permute([0] + list(range(2, patches.dim())) + [1]).reshape(batch, positions, groups, -1)
+        cols = cols.permute(2, 0, 1, 3).reshape(groups, batch * positions, -1)
+    else:
+        cols = patches.reshape(batch, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions,
+                                                                                          -1)
     if groups == 1:
         # F.linear with the K experts as its (K * C_out, C_in * taps) weight, a view (no copy of the K kernels,
         # which autograd would keep for backward): its backward writes the experts' gradient in their own
@@ -233,8 +269,12 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     y = y.reshape(groups, batch, positions, num_experts, per_group)
     a = attention.to(y.dtype).reshape(1, batch, 1, 1, num_experts)
     out = torch.matmul(a, y)  # (g, B, L, 1, per_group)
-    out = out.reshape(groups, batch, positions, per_group).permute(1, 0, 3, 2)
-    out = out.reshape([batch, out_channels] + out_size)
+    if last:
+        # channels_last in, channels_last out: (B, L, g, per_group) memory (a view when g = 1)
+        out = channels_first(out.reshape(groups, batch, positions, per_group).permute(1, 2, 0, 3), out_size)
+    else:
+        out = out.reshape(groups, batch, positions, per_group).permute(1, 0, 3, 2)
+        out = out.reshape([batch, out_channels] + out_size)
     mixed_bias: Optional[Tensor] = None
     if bias is not None:
         mixed_bias = torch.mm(attention.to(bias.dtype), bias)
