@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from dyconv import _chunked
 from dyconv.functional import BATCH_GENERIC_STRATEGIES, STRATEGIES, apply_padding, dynamic_conv, select_strategy
-from reference import TOL, manual_attention, per_sample_reference
+from reference import CONV, TOL, manual_attention, per_sample_reference
 
 LAYER = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
 SPATIAL = {1: (13,), 2: (9, 10), 3: (5, 6, 7)}
@@ -60,6 +60,25 @@ def strategy_case(strategy, rank, case, batch):
 def test_strategy_matches_reference(strategy, rank, case, batch):
     layer, x = strategy_case(strategy, rank, case, batch)
     torch.testing.assert_close(run(layer, x, strategy), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_empty_batch_like_nn_conv(strategy, rank, case):
+    """A batch of zero samples, which nn.ConvNd accepts (every strategy once failed on it): the output has
+    nn.ConvNd's shape, and backward gives zero gradients to the experts, the biases and the router."""
+    layer, x = strategy_case(strategy, rank, case, 0)
+    x.requires_grad_()
+    static = CONV[rank](4, 8, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+                        padding_mode=layer.padding_mode, dtype=torch.float64)
+    out = run(layer, x, strategy)
+    assert out.shape == static(x).shape
+    params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+    grads = torch.autograd.grad(out.sum(), params)
+    assert grads[0].shape == x.shape
+    for g, p in zip(grads[1:], params[1:]):
+        assert g.shape == p.shape and not g.any()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

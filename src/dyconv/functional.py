@@ -374,6 +374,14 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         torch.Size([2, 6, 8, 8])
     """
     x, conv_padding = apply_padding(x, padding, padding_mode)
+    if x.shape[0] == 0:
+        # an empty batch, which nn.ConvNd accepts: the output's shape from one expert's convolution, and every
+        # gradient zero (the attention joins the graph, so the router's parameters get theirs too)
+        first_bias: Optional[Tensor] = None
+        if bias is not None:
+            first_bias = bias[0]
+        out = conv(x, weight[0], first_bias, stride, conv_padding, dilation, groups)
+        return out + attention.sum().to(out.dtype) * 0
     if strategy == "auto":
         strategy = select_strategy(x, weight, conv_padding, groups, stride, dilation)
     if strategy == "groups":
