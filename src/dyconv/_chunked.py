@@ -467,7 +467,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         buf = workspace(chunk * flat.shape[1], flat, 1)
         grad_out = grad_out.to(x.dtype)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_flat = torch.zeros_like(flat) if need_w else None
+        grad_flat: Optional[Tensor] = None  # the first chunk's product, then accumulated (no zero fill)
         grad_a = torch.empty_like(a) if need_a else None
         grad_bias = torch.zeros_like(bias) if (need_b and bias is not None) else None
         spatial_dims = list(range(2, grad_out.dim()))
@@ -516,8 +516,8 @@ class _ChunkedDynamicConv(torch.autograd.Function):
             if grad_mixed is not None:
                 # per-sample kernel gradients -> experts: d/dW_k = sum_b a[b,k] dW_b; d/da[b,k] = <dW_b, W_k>
                 g = _flatten_like(grad_mixed.reshape(mixed.shape), order)
-                if grad_flat is not None:
-                    grad_flat.addmm_(a_c.t(), g)
+                if need_w:
+                    grad_flat = torch.mm(a_c.t(), g) if grad_flat is None else grad_flat.addmm_(a_c.t(), g)
                 if grad_a is not None:
                     grad_a[start:end] = torch.mm(g, flat.t())
             if bias is not None and (grad_bias is not None or grad_a is not None):
@@ -526,6 +526,8 @@ class _ChunkedDynamicConv(torch.autograd.Function):
                     grad_bias.addmm_(a_c.t(), g_bias)
                 if grad_a is not None:
                     grad_a[start:end] += torch.mm(g_bias, bias.t())
+        if need_w and grad_flat is None:  # an empty batch
+            grad_flat = torch.zeros_like(flat)
         grad_weight = unflatten(grad_flat, weight, order) if grad_flat is not None else None
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)
