@@ -23,6 +23,13 @@
    of the input (its cost is "input copy", included in every side's time), as inside a network, where a
    layer's input has just been written.
 
+5. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
+   against a scaled copy and K - 1 scaled adds per sample (``dyconv._chunked.scaled_adds``), alone for kernel
+   sizes N around the thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample) and ``SCALED_ADDS_CHUNK_MIN_ELEMENTS``
+   (several), with as many samples as one chunk (``FORWARD_CHUNK_ELEMENTS``) holds, up to 8; then inside 3×3
+   layers at batch 32 (the threshold patched for each side), where the experts are read right after a
+   convolution has used the caches.
+
 Sides are interleaved (one call of each per round) and the medians are printed, in ms and as ratios to static.
 """
 
@@ -202,12 +209,72 @@ def depthwise(rounds: int) -> None:
               + ", ".join(f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
 
 
+def chunk_mix(rounds: int) -> None:
+    print("mixing a chunk's kernels, (n x K) @ (K x N) into a reused buffer, alone: torch.mm against scaled adds "
+          "per sample (ms)")
+    for numel in (1 << 18, 294912, 1 << 19, 589824, 1179648):
+        experts = torch.randn(K, numel)
+        rows = [experts[k] for k in range(K)]
+        cells = []
+        for n in sorted({1, 2, min(8, max(1, _chunked.FORWARD_CHUNK_ELEMENTS // numel))}):
+            attention = torch.softmax(torch.randn(n, K), 1)
+            out = torch.empty(n, numel)
+
+            def adds(attention=attention, out=out, n=n):
+                weights = attention.tolist()
+                for i in range(n):
+                    _chunked.scaled_adds(weights[i], rows, out[i])
+
+            r = interleaved({"mm": lambda attention=attention, out=out: torch.mm(attention, experts, out=out),
+                             "scaled adds": adds}, rounds)
+            cells.append(f"n = {n}: mm {r['mm']:.3f}, scaled adds {r['scaled adds']:.3f}")
+        print(f"  N = {numel}: " + "; ".join(cells))
+    print("the same inside the layer, batch 32 (the chunked strategy, chunks mixed by torch.mm or by scaled adds; "
+          "ms, ratio to static)")
+    default = _chunked.SCALED_ADDS_CHUNK_MIN_ELEMENTS
+    for channels, size, train in ((256, 14, False), (256, 7, True), (512, 7, False), (128, 28, False)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            torch.manual_seed(0)
+            static = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(memory_format=fmt)
+            layer = DynamicConv2d(channels, channels, 3, padding=1, bias=False, num_experts=K).to(memory_format=fmt)
+            x = torch.randn(32, channels, size, size).contiguous(memory_format=fmt).requires_grad_(train)
+            grad = torch.randn(32, channels, size, size).contiguous(memory_format=fmt)
+
+            def call(module, threshold=None):
+                def run():
+                    if threshold is not None:
+                        _chunked.SCALED_ADDS_CHUNK_MIN_ELEMENTS = threshold
+                    if train:
+                        module(x).backward(grad)
+                    else:
+                        with torch.no_grad():
+                            module(x)
+                return run
+
+            calls = []
+            adds = _chunked.scaled_adds
+            _chunked.scaled_adds = lambda *args: calls.append(1) or adds(*args)
+            try:
+                r = interleaved({"static": call(static), "mm": call(layer, 1 << 62),
+                                 "scaled adds": call(layer, 1 << 19)}, rounds)
+            finally:
+                _chunked.SCALED_ADDS_CHUNK_MIN_ELEMENTS = default
+                _chunked.scaled_adds = adds
+            name = "training step" if train else "inference"
+            cl = "CL" if fmt == torch.channels_last else "C"
+            # a layer whose chunks (or output-channel tiles) stay below the threshold runs the same code on both
+            # sides: its difference is this machine's noise
+            control = "" if calls else " (control: below the threshold, the same path on both sides)"
+            print(f"  3x3 {channels} @{size} {name} {cl}: static {r['static']:.1f}; mm {r['mm'] / r['static']:.2f}x, "
+                  f"scaled adds {r['scaled adds'] / r['static']:.2f}x{control}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample", "depthwise"],
-                        default="all")
+    parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample", "depthwise",
+                                           "chunk-mix"], default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, K = {K}")
@@ -221,6 +288,8 @@ def main(argv=None) -> int:
         per_sample(args.rounds)
     if args.part in ("all", "depthwise"):
         depthwise(args.rounds)
+    if args.part in ("all", "chunk-mix"):
+        chunk_mix(args.rounds)
     return 0
 
 

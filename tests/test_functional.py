@@ -259,6 +259,26 @@ def per_sample(request, monkeypatch):
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES, ids=str)
+def test_chunks_mixed_by_scaled_adds(tiny_chunks, monkeypatch, rank, case):
+    """Chunks of several samples whose kernels reach SCALED_ADDS_CHUNK_MIN_ELEMENTS (lowered here to every size)
+    are mixed sample by sample by scaled adds, forward and backward: output and every gradient against the
+    reference and the "loop" strategy, and the path taken for every sample of every chunk."""
+    monkeypatch.setattr(_chunked, "SCALED_ADDS_CHUNK_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(_chunked, "SCALED_ADDS_MIN_ELEMENTS", 10**9)  # one-sample chunks: torch.mm
+    rows = []
+    real = _chunked.scaled_adds
+    monkeypatch.setattr(_chunked, "scaled_adds", lambda w, *args: rows.append(len(w)) or real(w, *args))
+    layer, x = strategy_case("chunked", rank, case, 5)
+    x.requires_grad_()
+    out = run(layer, x, "chunked")
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    assert rows == [3] * 4  # forward chunks of 2, 2 (the last, of one sample, by torch.mm); K = 3 weights each
+    assert_gradients_match_loop(layer, x, out)
+    assert rows == [3] * 9  # and backward chunks of 3 and 2 samples (the "loop" reference mixes by torch.mm)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
 def test_chunked_over_several_chunks_matches_reference(tiny_chunks, per_sample, rank, case):
     layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
     x = torch.randn(5, 4, *SPATIAL[rank], dtype=torch.float64, requires_grad=True)

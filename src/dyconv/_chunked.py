@@ -205,6 +205,10 @@ def unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
 
 # Kernels of at least this many elements are mixed for one sample by scaled adds instead of ``torch.mm`` (CPU).
 SCALED_ADDS_MIN_ELEMENTS = 1 << 18
+# ... and, for chunks of several samples, kernels of at least this many elements (sample by sample; the K experts
+# stay in the cache between samples): torch.mm's (n x K) @ (K x N) streams them slower from about 2^19 elements
+# (benchmarks/mixing.py --part chunk-mix).
+SCALED_ADDS_CHUNK_MIN_ELEMENTS = 1 << 19
 
 
 def mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: Optional[Tensor] = None) -> Tensor:
@@ -214,8 +218,12 @@ def mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: 
         return unflatten(torch.mm(attention, flat), weight, order)
     out = buf[: attention.shape[0] * flat.shape[1]].view(attention.shape[0], flat.shape[1])
     if not torch.jit.is_scripting():
-        if attention.shape[0] == 1 and flat.shape[1] >= SCALED_ADDS_MIN_ELEMENTS and not python_dispatch_active():
-            scaled_adds(attention[0].tolist(), flat, out[0])  # buf (so this path) exists only on the CPU
+        rows = attention.shape[0]
+        threshold = SCALED_ADDS_MIN_ELEMENTS if rows == 1 else SCALED_ADDS_CHUNK_MIN_ELEMENTS
+        if flat.shape[1] >= threshold and not python_dispatch_active():
+            weights = attention.tolist()  # buf (so this path) exists only on the CPU: no synchronisation
+            for i in range(rows):
+                scaled_adds(weights[i], flat, out[i])
             return unflatten(out, weight, order)
     return unflatten(torch.mm(attention, flat, out=out), weight, order)
 
