@@ -151,6 +151,17 @@ def test_output_shape_before_call(kwargs, size, data_format):
         assert numpy(layer(x)).shape == (2, *layer.compute_output_shape(shape)[1:])
 
 
+@pytest.mark.parametrize("kwargs", SHAPE_CASES[:3] + SHAPE_CASES[6:8], ids=str)
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_empty_batch_like_keras_conv(kwargs, data_format):
+    """A batch of zero samples gives the empty output keras.layers.Conv2D gives (the reshapes once failed on it)."""
+    kwargs = {"kernel_size": 3, **kwargs}
+    x = _input(_input_shape(2, 4, (7, 8), data_format, batch=0))
+    layer = DynamicConv2D(8, num_experts=2, data_format=data_format, **kwargs)
+    conv = keras.layers.Conv2D(8, data_format=data_format, **kwargs)
+    assert numpy(layer(x)).shape == numpy(conv(x)).shape
+
+
 def test_weights_and_initializers():
     layer = DynamicConv2D(32, 3, 4, groups=2, bias_initializer="ones")
     layer.build((None, 16, 16, 64))

@@ -30,7 +30,7 @@ def mix_experts(attention, kernel, bias=None):
     """
     num_experts = kernel.shape[0]
     mixed = ops.matmul(attention, ops.reshape(kernel, (num_experts, -1)))
-    mixed = ops.reshape(mixed, (-1, *kernel.shape[1:]))
+    mixed = ops.reshape(mixed, (_known(ops.shape(mixed)[:1]), *kernel.shape[1:]))
     mixed_bias = None if bias is None else ops.matmul(attention, bias)
     return mixed, mixed_bias
 
@@ -79,7 +79,7 @@ def dynamic_conv(x, kernel, bias, attention, strides, padding, dilation_rate, gr
     mixed, mixed_bias = mix_experts(attention, kernel, bias)
     positions = math.prod(kernel_size)
     # (B, positions, C_in/g, filters) -> per position (B, g, C_in/g, filters/g) [or its transpose]
-    mixed = ops.reshape(mixed, (-1, positions, group_in, groups, group_out))
+    mixed = ops.reshape(mixed, (_known(ops.shape(mixed)[:1]), positions, group_in, groups, group_out))
     mixed = ops.transpose(mixed, (0, 1, 3, 2, 4) if channels_last else (0, 1, 3, 4, 2))
 
     if any(lo or hi for lo, hi in padding):
@@ -93,7 +93,8 @@ def dynamic_conv(x, kernel, bias, attention, strides, padding, dilation_rate, gr
         start = [o * d for o, d in zip(offset, dilation_rate)]
         last = [(k - 1 - o) * d for k, o, d in zip(kernel_size, offset, dilation_rate)]
         window = _window(x, start, last, strides, spatial_axis)
-        term = _contract(window, mixed[:, p], batch, groups, group_in, channels_last)
+        window_positions = _known(ops.shape(window)[spatial_axis : spatial_axis + rank])
+        term = _contract(window, mixed[:, p], batch, groups, group_in, channels_last, window_positions)
         out = term if out is None else out + term
 
     out_spatial = ops.shape(window)[spatial_axis : spatial_axis + rank]
@@ -112,26 +113,38 @@ def _positions(kernel_size):
     return grids
 
 
-def _contract(window, weight, batch, groups: int, group_in: int, channels_last: bool):
-    """One kernel position's contribution, spatial positions flattened.
+def _known(sizes):
+    """The product of ``sizes`` where every one is a known int, else -1 (for a reshape: an unknown spatial size in
+    a symbolic graph). Known sizes keep the reshapes valid for an empty batch, where -1 is ambiguous."""
+    total = 1
+    for size in sizes:
+        if not isinstance(size, int):
+            return -1
+        total *= size
+    return total
+
+
+def _contract(window, weight, batch, groups: int, group_in: int, channels_last: bool, positions=-1):
+    """One kernel position's contribution, spatial positions flattened (``positions``: their number, -1 if
+    unknown).
 
     channels_last: window ``(B, *out, C_in)``, weight ``(B, g, C_in/g, filters/g)`` → ``(B, P, filters)``.
     channels_first: window ``(B, C_in, *out)``, weight ``(B, g, filters/g, C_in/g)`` → ``(B, filters, P)``.
     """
     channels = groups * group_in
     if channels_last:
-        rows = ops.reshape(window, (batch, -1, channels))  # (B, P, C_in)
+        rows = ops.reshape(window, (batch, positions, channels))  # (B, P, C_in)
         if groups == 1:
             return ops.matmul(rows, weight[:, 0])
-        rows = ops.reshape(rows, (batch, -1, groups, group_in))
+        rows = ops.reshape(rows, (batch, positions, groups, group_in))
         if group_in == 1:  # depthwise: a broadcast product, no contraction
             out = rows * ops.expand_dims(weight[:, :, 0], 1)
         else:
             out = ops.einsum("bpgi,bgio->bpgo", rows, weight)
-        return ops.reshape(out, (batch, -1, groups * weight.shape[-1]))
-    cols = ops.reshape(window, (batch, groups, group_in, -1))  # (B, g, C_in/g, P)
+        return ops.reshape(out, (batch, positions, groups * weight.shape[-1]))
+    cols = ops.reshape(window, (batch, groups, group_in, positions))  # (B, g, C_in/g, P)
     if group_in == 1:
         out = weight * cols  # (B, g, filters/g, 1) * (B, g, 1, P)
     else:
         out = ops.matmul(weight, cols)
-    return ops.reshape(out, (batch, groups * weight.shape[2], -1))
+    return ops.reshape(out, (batch, groups * weight.shape[2], positions))
