@@ -205,9 +205,11 @@ def unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
 
 # Kernels of at least this many elements are mixed for one sample by scaled adds instead of ``torch.mm`` (CPU).
 SCALED_ADDS_MIN_ELEMENTS = 1 << 18
-# ... and, for chunks of several samples, kernels of at least this many elements (sample by sample; the K experts
-# stay in the cache between samples): torch.mm's (n x K) @ (K x N) streams them slower from about 2^19 elements
-# (benchmarks/mixing.py --part chunk-mix).
+# ... and, for chunks of several samples, kernels of at least this many elements, sample by sample. Inside the
+# 3x3 256->256 layer (589824 elements, chunks of 3 samples, batch 32) that ran faster than torch.mm's (n x K) @
+# (K x N) in 11 of 12 cells over three runs, by about 0.1 of static's time, although alone torch.mm mixes such a
+# chunk as fast or faster (benchmarks/mixing.py --part chunk-mix). Smaller kernels were not measured inside a layer:
+# 2^19 takes the 256->256 kernels and leaves the 3x3 128->256 ones (294912) to torch.mm.
 SCALED_ADDS_CHUNK_MIN_ELEMENTS = 1 << 19
 
 
