@@ -1,9 +1,7 @@
 """Distributed data parallel on CPU: two processes under torchrun (gloo), through the library's fit()."""
 
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +28,14 @@ def create(name, **kw):
 r = fit(model="dy_tiny", dataset="fashion-mnist", data_dir=sys.argv[1], output=sys.argv[2], epochs=2, batch_size=8,
         lr=0.05, seed=1, val_fraction=0.25, progress=False, download=False, create_model=create)
 digest = hashlib.sha256(b"".join(v.detach().numpy().tobytes() for v in built[0].state_dict().values())).hexdigest()
-print("RESULT", json.dumps({"rank": int(os.environ["RANK"]), "weights": digest, "val_acc": r["val_acc"],
-                            "test_acc": r["test_acc"], "test_samples": r["test_samples"]}), flush=True)
+rank = int(os.environ["RANK"])
+# one file per rank: the ranks share one stdout pipe, where their lines can interleave (a rank's result line was
+# lost in CI twice, once after another rank's unterminated output, once entirely)
+path = os.path.join(sys.argv[3], f"{rank}.json")
+with open(path + ".tmp", "w") as f:
+    json.dump({"rank": rank, "weights": digest, "val_acc": r["val_acc"], "test_acc": r["test_acc"],
+               "test_samples": r["test_samples"]}, f)
+os.replace(path + ".tmp", path)
 """
 
 
@@ -42,14 +46,13 @@ def test_two_process_cpu_training(tmp_path, monkeypatch):
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
                DYCONV_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(data), str(tmp_path / "run")],
+                           str(script), str(data), str(tmp_path / "run"), str(results_dir)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # found anywhere in the output: the two ranks share one stdout pipe, so a rank's line can follow another rank's
-    # unterminated output on the same line (seen once in CI)
-    results = sorted((json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)),
-                     key=lambda r: r["rank"])
+    results = [json.loads((results_dir / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     # DDP keeps the replicas identical, and the metrics are reduced over both shards (every test sample once).
     assert results[0]["weights"] == results[1]["weights"]
