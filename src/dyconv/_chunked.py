@@ -151,7 +151,9 @@ def chunk_size(batch: int, kernel_numel: int, budget: int) -> int:
     return max(1, min(batch, budget // max(1, kernel_numel)))
 
 
-def _channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is in the channels_last (4-D) or channels_last_3d (5-D) memory format and not also contiguous
+    (other ranks: never)."""
     if x.dim() == 4:
         return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if x.dim() == 5:
@@ -282,7 +284,7 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
     if matmul:
         w = mixed.reshape(chunk, out_channels, in_channels)
         cols = x.reshape(chunk, in_channels, -1)  # a view for contiguous and channels_last input
-        if _channels_last(x):
+        if is_channels_last(x):
             # (L, C_in) @ (C_in, C_out) per sample writes a channels_last output directly
             if mixed_bias is None:
                 out = torch.bmm(cols.transpose(1, 2), w.transpose(1, 2))
@@ -321,7 +323,7 @@ def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: 
 def _folds_channels_last(x: Tensor, groups: int) -> bool:
     """Whether a folded chunk of ``x`` is convolved in channels_last (:func:`_folded_channels_last`): depthwise
     layers (one input channel per group) with channels_last input, on the CPU."""
-    return groups > 1 and x.shape[1] == groups and x.device.type in CPU_RULES and _channels_last(x)
+    return groups > 1 and x.shape[1] == groups and x.device.type in CPU_RULES and is_channels_last(x)
 
 
 @torch.jit.unused
@@ -536,8 +538,6 @@ class _ChunkedDynamicConv(torch.autograd.Function):
                     grad_bias.addmm_(a_c.t(), g_bias)
                 if grad_a is not None:
                     grad_a[start:end] += torch.mm(g_bias, bias.t())
-        if need_w and grad_flat is None:  # an empty batch
-            grad_flat = torch.zeros_like(flat)
         grad_weight = unflatten(grad_flat, weight, order) if grad_flat is not None else None
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)
@@ -549,7 +549,7 @@ def _bmm_into(a: Tensor, b: Tensor, dest: Tensor) -> None:
     product, for channels_last its transpose lands directly in ``dest``'s memory (no copy); otherwise copied."""
     if dest.is_contiguous():
         torch.bmm(a, b, out=dest.view(dest.shape[0], dest.shape[1], -1))
-    elif _channels_last(dest):
+    elif is_channels_last(dest):
         torch.bmm(b.transpose(1, 2), a.transpose(1, 2), out=dest.view(dest.shape[0], dest.shape[1], -1).transpose(1, 2))
     else:
         dest.copy_(torch.bmm(a, b).view(dest.shape))

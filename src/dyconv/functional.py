@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _chunked
-from ._chunked import conv_chunked, kernel_is_one, output_positions, tracing_exporting_or_compiling
+from ._chunked import conv_chunked, is_channels_last, kernel_is_one, output_positions, tracing_exporting_or_compiling
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
@@ -60,14 +60,6 @@ def conv(x: Tensor, w: Tensor, b: Optional[Tensor], stride: List[int], padding: 
     if rank == 2:
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
     return F.conv3d(x, w, b, stride, padding, dilation, groups)
-
-
-def channels_last_memory(t: Tensor) -> bool:
-    """Whether ``t`` ``(B, C, *spatial)`` lies in channels-last memory ``(B, *spatial, C)`` and not also in the
-    contiguous format (rank-generic: ``torch.channels_last`` for 2-D, ``channels_last_3d`` for 3-D)."""
-    if t.dim() < 3 or t.is_contiguous():
-        return False
-    return t.permute([0] + list(range(2, t.dim())) + [1]).is_contiguous()
 
 
 def channels_first(t: Tensor, out_size: List[int]) -> Tensor:
@@ -206,7 +198,7 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
     w = w.reshape([groups * num_experts * per_group] + list(weight.shape[2:]))
     y = conv(x, w, None, stride, padding, dilation, groups)
     out_size = list(y.shape[2:])
-    if channels_last_memory(y):
+    if is_channels_last(y):
         # y's memory is (B, *spatial, groups, K, per_group): mix as (1, K) @ (K, per_group) per sample, position
         # and group, straight from that memory, into a channels_last output (reshaping y to the layout below
         # would copy all K outputs into the contiguous format, and the rest of a channels_last network would
@@ -245,7 +237,7 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
         positions *= size
     # (g, B * L, C_in/g * taps): one matrix product per group over the whole batch (a broadcast matmul
     # would expand the experts to one copy per sample)
-    last = channels_last_memory(patches)
+    last = is_channels_last(patches)
     if last:
         # channels_last input: the patches' memory is (B, L, g, C_in/g * taps) already (a view when g = 1)
         cols = patches.permute([0] + list(range(2, patches.dim())) + [1]).reshape(batch, positions, groups, -1)
