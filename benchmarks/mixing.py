@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/mixing.py              # 2 threads; --threads 1 for one
     PYTHONPATH=src python benchmarks/mixing.py --part tiny  # only the second table (also: tiny1x1, per-sample,
-                                                            # depthwise)
+                                                            # depthwise, depthwise-train, chunk-mix)
 
 1. *Kernel memory* (batch 1, inference): a 3×3 convolution whose kernel is freshly allocated memory (what
    ``torch.mm`` returns when the K experts are mixed) against the same convolution reading a kernel written into
@@ -22,8 +22,12 @@
    fold instead (the chunk copied to the contiguous format, a contiguous output). Every call gets a fresh copy
    of the input (its cost is "input copy", included in every side's time), as inside a network, where a
    layer's input has just been written.
-
-5. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
+5. *The same layers in the training step* (``--part depthwise-train``, batch 32, forward and backward with a fixed
+   output gradient, at the sizes of the bench's 112² training step): folded, per sample, and for channels_last
+   input also "folded CL, backward via C" (the forward's channels_last fold with the plain fold's backward, which
+   copies the chunk and its output gradient to the contiguous format and the input gradient back); "default" is
+   what the strategy picks.
+6. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
    against a scaled copy and K - 1 scaled adds per sample (``dyconv._chunked.scaled_adds``), alone for kernel
    sizes N around the thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample) and ``SCALED_ADDS_CHUNK_MIN_ELEMENTS``
    (several), with as many samples as one chunk (``FORWARD_CHUNK_ELEMENTS``) holds, up to 8; then inside 3×3
@@ -209,6 +213,54 @@ def depthwise(rounds: int) -> None:
               + ", ".join(f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
 
 
+def depthwise_train(rounds: int) -> None:
+    print("batch-32 training step (forward + backward), MobileNetV2's depthwise 3x3 layers at the bench's 112² "
+          "input: ratio to static in its faster format")
+    shapes = ((32, 56, 1), (96, 56, 2), (144, 28, 1), (144, 28, 2), (192, 14, 1), (192, 14, 2), (384, 7, 1),
+              (576, 7, 1), (576, 7, 2), (960, 4, 1))
+    defaults = _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS
+    folds_channels_last = _chunked._folds_channels_last
+
+    def call(layer, x, grad, per_sample=None, backward_via_contiguous=False):
+        def run():
+            if per_sample is None:  # the strategy's own choice
+                _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
+            else:  # every sample on its own, or every chunk folded
+                _chunked.PER_SAMPLE_MIN_POSITIONS = 1 if per_sample else 10**9
+                _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
+            y = layer(x.clone())
+            if backward_via_contiguous:  # the forward's fold in channels_last, the backward's plain fold
+                _chunked._folds_channels_last = lambda x, groups: False
+            try:
+                y.backward(grad)
+            finally:
+                _chunked._folds_channels_last = folds_channels_last
+        return run
+
+    for channels, size, stride in shapes:
+        fns = {}
+        out_size = (size - 1) // stride + 1
+        for fmt, memory_format in (("C", torch.contiguous_format), ("CL", torch.channels_last)):
+            x = torch.randn(32, channels, size, size).contiguous(memory_format=memory_format).requires_grad_()
+            grad = torch.randn(32, channels, out_size, out_size).contiguous(memory_format=memory_format)
+            static = torch.nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False)
+            dy = DynamicConv2d(channels, channels, 3, stride, 1, groups=channels, bias=False, num_experts=K)
+            static, dy = static.to(memory_format=memory_format), dy.to(memory_format=memory_format)
+            fns[f"static {fmt}"] = call(static, x, grad)
+            fns[f"folded {fmt}"] = call(dy, x, grad, per_sample=False)
+            if fmt == "CL":
+                fns["folded CL, backward via C"] = call(dy, x, grad, per_sample=False, backward_via_contiguous=True)
+            fns[f"per-sample {fmt}"] = call(dy, x, grad, per_sample=True)
+            fns[f"default {fmt}"] = call(dy, x, grad)
+        try:
+            r = interleaved(fns, rounds)
+        finally:
+            _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
+        best = min(r["static C"], r["static CL"])
+        print(f"  dw {channels} @{size} stride {stride}: static C {r['static C']:.1f} ms, CL {r['static CL']:.1f} ms; "
+              + ", ".join(f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")), flush=True)
+
+
 def chunk_mix(rounds: int) -> None:
     print("mixing a chunk's kernels, (n x K) @ (K x N) into a reused buffer, alone: torch.mm against scaled adds "
           "per sample (ms)")
@@ -274,7 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample", "depthwise",
-                                           "chunk-mix"], default="all")
+                                           "depthwise-train", "chunk-mix"], default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, K = {K}")
@@ -288,6 +340,8 @@ def main(argv=None) -> int:
         per_sample(args.rounds)
     if args.part in ("all", "depthwise"):
         depthwise(args.rounds)
+    if args.part in ("all", "depthwise-train"):
+        depthwise_train(args.rounds)
     if args.part in ("all", "chunk-mix"):
         chunk_mix(args.rounds)
     return 0

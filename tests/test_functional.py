@@ -505,8 +505,8 @@ def test_k_kernel_strategies_keep_channels_last(strategy, rank, case, batch):
 @pytest.mark.parametrize("out_channels", [8, 16])  # depth multiplier 1 and 2
 def test_depthwise_channels_last_folds_in_channels_last(tiny_chunks, monkeypatch, rank, case, out_channels):
     """Folded depthwise chunks of channels_last input are convolved in channels_last (the chunk moved to
-    (*spatial, n, C) memory): output and every gradient against the reference, the path taken for every chunk, a
-    channels_last output."""
+    (*spatial, n, C) memory), forward and backward: output and every gradient against the reference, the path
+    taken for every chunk, a channels_last output and input gradient."""
     monkeypatch.setattr(_chunked, "PER_SAMPLE_MIN_POSITIONS", 10**9)
     calls = []
     real = _chunked._folded_channels_last
@@ -521,10 +521,24 @@ def test_depthwise_channels_last_folds_in_channels_last(tiny_chunks, monkeypatch
     assert calls == [2, 2, 1]  # every chunk (tiny_chunks: 2 samples each) took the path
     assert out.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    backward_calls = []
+    real_backward = _chunked._folded_channels_last_backward
+    monkeypatch.setattr(_chunked, "_folded_channels_last_backward",
+                        lambda *args: backward_calls.append(args[1].shape[0]) or real_backward(*args))
     out = run(layer, x_cl, "chunked")  # with gradients: the custom function's forward takes it too
     assert len(calls) == 6
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     assert_gradients_match_loop(layer, x_cl, out)
+    assert backward_calls == [3, 2]  # and backward, every chunk (3 samples each)
+    # an output gradient in the other format (the fold copies whatever it gets)
+    params = [p for p in (x_cl, layer.weight, layer.bias, *layer.router.parameters()) if p is not None]
+    g = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(run(layer, x_cl, "chunked"), params, g)
+    ref_grads = torch.autograd.grad(run(layer, x_cl, "loop"), params, g)
+    assert len(backward_calls) == 4
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert grads[0].is_contiguous(memory_format=fmt)
 
 
 def test_channels_last_fold_only_for_depthwise_on_the_cpu():

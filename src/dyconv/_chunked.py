@@ -339,22 +339,63 @@ def _folded_channels_last(x: Tensor, mixed: Tensor, b: Optional[Tensor], stride:
     contiguous ones for depthwise kernels), and the output copied back to channels_last ``(n, C_out, *spatial)``.
     Batch 32, MobileNetV2's depthwise layers at 7²-112² (``benchmarks/mixing.py --part depthwise``: "folded CL"
     against "folded CL via C"): faster in 8 of 10 rows in the README's run, e.g. 384 @14 2.36x static against
-    4.52x.
+    4.52x. Backward does the same (:func:`_folded_channels_last_backward`).
     """
-    chunk, channels, out_channels, rank = x.shape[0], x.shape[1], mixed.shape[1], x.dim() - 2
+    chunk, out_channels, rank = x.shape[0], mixed.shape[1], x.dim() - 2
+    out = torch.convolution(_fold_channels_last(x), _folded_kernels(mixed), b, stride, padding, dilation, False,
+                            [0] * rank, chunk * groups)
+    result = torch.empty([chunk, out_channels] + list(out.shape[2:]), dtype=out.dtype, device=out.device,
+                         memory_format=torch.channels_last if rank == 2 else torch.channels_last_3d)
+    return _unfold_channels_last_into(out, result)
+
+
+@torch.jit.unused
+def _folded_channels_last_backward(gy: Tensor, x: Tensor, mixed: Tensor, stride: List[int], padding: List[int],
+                                   dilation: List[int], groups: int, grad_x: Optional[Tensor],
+                                   need_kernels: bool) -> Optional[Tensor]:
+    """Backward of :func:`_folded_channels_last` for one chunk: the input gradient written into ``grad_x`` (the
+    chunk's channels_last slice of the batch's, when given), the per-sample kernel gradients returned
+    ``(n * C_out, 1, *kernel)`` when ``need_kernels``. The plain fold's backward copies ``x`` and ``gy`` to the
+    contiguous format and the input gradient back, and convolves in the contiguous format: MobileNetV2's
+    depthwise layers at the training step's sizes, batch 32 (``benchmarks/mixing.py --part depthwise-train``)."""
+    rank = x.dim() - 2
+    gx, grad_mixed, _ = torch.ops.aten.convolution_backward(
+        _fold_channels_last(gy), _fold_channels_last(x), _folded_kernels(mixed), None, stride, padding, dilation,
+        False, [0] * rank, x.shape[0] * groups, [grad_x is not None, need_kernels, False],
+    )
+    if grad_x is not None:
+        _unfold_channels_last_into(gx, grad_x)
+    return grad_mixed if need_kernels else None
+
+
+@torch.jit.unused
+def _fold_channels_last(x: Tensor) -> Tensor:
+    """A channels_last ``(n, C, *spatial)`` chunk as a channels_last ``(1, n * C, *spatial)`` tensor: copied to
+    ``(*spatial, n, C)`` memory."""
+    chunk, channels, rank = x.shape[0], x.shape[1], x.dim() - 2
     spatial = list(x.shape[2:])
-    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
     folded = x.permute(list(range(2, 2 + rank)) + [0, 1]).contiguous()  # (*spatial, n, C)
-    folded = folded.view([1] + spatial + [chunk * channels]).permute([0, rank + 1] + list(range(1, rank + 1)))
-    w = mixed.reshape([chunk * out_channels] + list(mixed.shape[2:])).contiguous(memory_format=fmt)
-    out = torch.convolution(folded, w, b, stride, padding, dilation, False, [0] * rank, chunk * groups)
-    # (1, n * C_out, *out spatial) in (*out spatial, n, C_out) memory -> channels_last (n, C_out, *out spatial)
-    out_spatial = list(out.shape[2:])
-    moved_out = out.permute([0] + list(range(2, 2 + rank)) + [1]).reshape(out_spatial + [chunk, out_channels])
-    # a fresh tensor rather than .contiguous(memory_format=): for one sample the view already counts as
-    # channels_last, with a batch stride that makes torch.cat of the chunks fall back to the contiguous format
-    result = torch.empty([chunk, out_channels] + out_spatial, dtype=out.dtype, device=out.device, memory_format=fmt)
-    return result.copy_(moved_out.permute([rank, rank + 1] + list(range(rank))))
+    return folded.view([1] + spatial + [chunk * channels]).permute([0, rank + 1] + list(range(1, rank + 1)))
+
+
+@torch.jit.unused
+def _folded_kernels(mixed: Tensor) -> Tensor:
+    """Per-sample depthwise kernels ``(n, C_out, 1, *kernel)`` as the folded convolution's channels_last
+    ``(n * C_out, 1, *kernel)`` (the same memory as the contiguous ones)."""
+    fmt = torch.channels_last if mixed.dim() == 5 else torch.channels_last_3d
+    return mixed.reshape([mixed.shape[0] * mixed.shape[1]] + list(mixed.shape[2:])).contiguous(memory_format=fmt)
+
+
+@torch.jit.unused
+def _unfold_channels_last_into(folded: Tensor, dest: Tensor) -> Tensor:
+    """The inverse of :func:`_fold_channels_last`: ``folded`` ``(1, n * C, *spatial)`` in ``(*spatial, n, C)``
+    memory copied into the channels_last ``(n, C, *spatial)`` tensor ``dest`` (a fresh tensor or a slice of one,
+    rather than ``.contiguous(memory_format=)``: for one sample the view already counts as channels_last, with a
+    batch stride that makes ``torch.cat`` of the chunks fall back to the contiguous format)."""
+    chunk, channels, rank = dest.shape[0], dest.shape[1], folded.dim() - 2
+    spatial = list(folded.shape[2:])
+    moved = folded.permute([0] + list(range(2, 2 + rank)) + [1]).reshape(spatial + [chunk, channels])
+    return dest.copy_(moved.permute([rank, rank + 1] + list(range(rank))))
 
 
 def chunked_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
@@ -514,6 +555,10 @@ class _ChunkedDynamicConv(torch.autograd.Function):
                     if need_w or need_a:
                         grads.append(gw)
                 grad_mixed = torch.stack(grads) if (need_w or need_a) else None
+            elif _folds_channels_last(x_c, groups):
+                grad_mixed = _folded_channels_last_backward(gy, x_c, mixed, stride, padding, dilation, groups,
+                                                            None if grad_x is None else grad_x[start:end],
+                                                            need_w or need_a)
             else:
                 in_channels, out_channels = x.shape[1], weight.shape[1]
                 gx, grad_mixed, _ = torch.ops.aten.convolution_backward(
