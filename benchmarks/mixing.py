@@ -11,7 +11,8 @@
 2. *Tiny outputs* (batch-128 training step: forward and backward): the strategies for deep layers on small
    images, where the output has a few positions per sample: ``"chunked"`` (writes per-sample kernels),
    ``"experts"`` (one convolution with all K kernels) and ``"unfold_experts"`` (the same as matrix products).
-   The same for MobileNetV2's 1×1 layers at 4×4 (batch 32), the third table.
+   The same for MobileNetV2's 1×1 layers at 4×4 (batch 32, both memory formats), the third table, with
+   ``"scaled_inputs"`` (K scaled copies of the input, one product with the K kernels side by side).
 3. *Per-sample convolutions* (batch 32, inference and training step, channels_last and contiguous): the
    ``"chunked"`` strategy with each chunk folded into the convolution's groups against one convolution per
    sample (``dyconv._chunked.PER_SAMPLE_MIN_POSITIONS``), for 3×3 and depthwise 3×3 layers at several sizes.
@@ -110,23 +111,28 @@ def tiny_outputs(rounds: int) -> None:
 
 
 def tiny_1x1(rounds: int) -> None:
-    print("batch-32 training step (forward + backward), MobileNetV2's 1x1 convs at 4x4 output (ms, ratio to static)")
-    for cin, cout in ((160, 960), (960, 160), (320, 1280), (576, 160)):
-        x = torch.randn(32, cin, 4, 4, requires_grad=True)
-        w = (torch.randn(K, cout, cin, 1, 1) * 0.05).requires_grad_()
-        a = torch.softmax(torch.randn(32, K), 1).requires_grad_()
-        w0 = w[0].detach().clone().requires_grad_()
+    print("batch-32 training step (forward + backward with a fixed output gradient), MobileNetV2's 1x1 convs at 4x4 "
+          "output (ms, ratio to static in the same format)")
+    for cin, cout in ((160, 960), (320, 1280), (960, 160), (960, 320), (576, 160)):
+        for fmt, memory_format in (("C", torch.contiguous_format), ("CL", torch.channels_last)):
+            x = torch.randn(32, cin, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
+            grad = torch.randn(32, cout, 4, 4).contiguous(memory_format=memory_format)
+            w = (torch.randn(K, cout, cin, 1, 1) * 0.05).requires_grad_()
+            a = torch.softmax(torch.randn(32, K), 1).requires_grad_()
+            w0 = w[0].detach().clone().contiguous(memory_format=memory_format).requires_grad_()
 
-        def step(fn):
-            return lambda: fn().sum().backward()
+            def step(fn, grad=grad):
+                return lambda: fn().backward(grad)
 
-        def dy(strategy):
-            return step(lambda: dynamic_conv(x, w, None, a, [1, 1], [0] * 4, [1, 1], 1, strategy=strategy))
+            def dy(strategy, x=x, w=w, a=a):
+                return step(lambda: dynamic_conv(x, w, None, a, [1, 1], [0] * 4, [1, 1], 1, strategy=strategy))
 
-        r = interleaved({"static": step(lambda: F.conv2d(x, w0)), "chunked": dy("chunked"),
-                         "experts": dy("experts"), "unfold_experts": dy("unfold_experts")}, rounds)
-        print(f"  {cin}->{cout}: " + ", ".join(
-            f"{k} {v:.1f}" + ("" if k == "static" else f" ({v / r['static']:.2f}x)") for k, v in r.items()))
+            r = interleaved({"static": step(lambda x=x, w0=w0: F.conv2d(x, w0)), "chunked": dy("chunked"),
+                             "experts": dy("experts"), "unfold_experts": dy("unfold_experts"),
+                             "scaled_inputs": dy("scaled_inputs")}, rounds)
+            print(f"  {cin}->{cout} {fmt}: " + ", ".join(
+                f"{k} {v:.1f}" + ("" if k == "static" else f" ({v / r['static']:.2f}x)") for k, v in r.items()),
+                flush=True)
 
 
 def per_sample(rounds: int) -> None:

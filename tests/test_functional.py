@@ -160,6 +160,12 @@ def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     # 1x1 kernels: their K-kernel convolution is one matrix product already
     w1 = torch.zeros(4, 8, 256, 1, 1)
     assert select_strategy(torch.zeros(4, 256, 2, 2), w1, [0, 0], 1, one, one) == "experts"
+    # ... and where they expand the channels, K scaled copies of the (smaller) input instead of K outputs
+    expand = torch.zeros(4, 64, 16, 1, 1)
+    assert select_strategy(torch.zeros(4, 16, 4, 4), expand, [0, 0], 1, one, one) == "scaled_inputs"
+    assert select_strategy(torch.zeros(4, 16, 8, 8), expand, [0, 0], 1, [2, 2], one) == "experts"  # strided
+    assert select_strategy(torch.zeros(4, 16, 2, 2), expand, [1, 1], 1, one, one) == "experts"  # padded
+    assert select_strategy(torch.zeros(4, 16, 5, 5), expand, [0, 0], 1, one, one) == "chunked"  # 25 positions
     # 5x5 output: 75 > 48
     assert select_strategy(torch.zeros(4, 8, 5, 5), w, [1, 1], 1, one, one) == "chunked"
     # stride 2 brings 4x4 down to 2x2
@@ -191,6 +197,7 @@ def test_auto_on_other_devices_picks_experts_up_to_14x14_outputs(meta_as_acceler
     assert pick(torch.zeros(4, 8, 28, 28), w, stride=[2, 2]) == "experts"  # 14x14 output
     assert pick(torch.zeros(4, 8, 2, 2), w) == "experts"  # the CPU: "unfold_experts"
     assert pick(torch.zeros(4, 8, 7, 7), torch.zeros(4, 8, 8, 1, 1), [0, 0]) == "experts"
+    assert pick(torch.zeros(4, 8, 4, 4), torch.zeros(4, 32, 8, 1, 1), [0, 0]) == "experts"  # the CPU: "scaled_inputs"
     assert pick(torch.zeros(4, 8, 7, 7), torch.zeros(4, 8, 4, 3, 3), groups=2) == "chunked"
     assert pick(torch.zeros(1, 8, 7, 7), w) == "chunked"
     assert select_strategy(torch.zeros(4, 8, 14, 14), w, one, 1, one, one) == "chunked"  # the CPU
@@ -215,6 +222,14 @@ def test_layer_on_tiny_outputs_uses_experts_and_matches_reference():
         assert select_strategy(x, layer.weight, [1, 1], 1, layer.stride, layer.dilation) == expected
         out = layer(x)
         torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+        assert_gradients_match_loop(layer, x, out)
+    layer = DynamicConv2d(8, 32, 1, num_experts=4, dtype=torch.float64)  # a 1x1 expansion
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 8, 4, 4, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        assert select_strategy(x, layer.weight, [0, 0], 1, layer.stride, layer.dilation) == "scaled_inputs"
+        out = layer(x)
+        torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+        assert out.is_contiguous(memory_format=fmt)
         assert_gradients_match_loop(layer, x, out)
 
 
@@ -479,7 +494,7 @@ def test_chunked_channels_last_forward_and_backward(tiny_chunks, per_sample, ker
         torch.testing.assert_close(g, r, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("strategy", ["experts", "unfold_experts"])
+@pytest.mark.parametrize("strategy", ["experts", "unfold_experts", "scaled_inputs"])
 @pytest.mark.parametrize("rank", [2, 3])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("batch", [1, 3])

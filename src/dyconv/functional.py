@@ -25,6 +25,10 @@ Strategies (all give the same numbers up to floating-point rounding):
 ``"unfold_experts"``
     Patches as in ``"unfold"``, then all K kernels in one matrix product, outputs mixed per sample (K× the
     FLOPs as matrix products; for tiny outputs, where the convolution's own kernels are slow).
+``"scaled_inputs"``
+    The input repeated K times, each copy scaled by its expert's attention, then one convolution with the K
+    kernels side by side along the input channels (K× the FLOPs, like ``"experts"``, but K copies of the input
+    instead of K outputs: cheaper where a layer has more output than input channels).
 ``"chunked"``
     Batch-as-groups over chunks of the batch whose mixed kernels fit a fixed budget (a batched matrix
     product for unpadded stride-1 1×1 kernels). With gradients, a custom autograd function recomputes the
@@ -44,9 +48,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _chunked
-from ._chunked import conv_chunked, is_channels_last, kernel_is_one, output_positions, tracing_exporting_or_compiling
+from ._chunked import (conv_chunked, is_channels_last, kernel_is_one, output_positions, tracing_exporting_or_compiling,
+                       uses_matmul)
 
-STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "chunked")
+STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "scaled_inputs", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
 BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
 
@@ -223,6 +228,46 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
     return _add_bias(out, mixed_bias)
 
 
+def conv_scaled_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                       padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """The input repeated K times, copy k scaled by ``a[b,k]``, convolved with the K kernels side by side along the
+    input channels: ``conv([a[b,1] x[b], ..., a[b,K] x[b]], [W_1, ..., W_K]) = sum_k a[b,k] conv(x[b], W_k)``."""
+    num_experts, out_channels, in_per_group = weight.shape[0], weight.shape[1], weight.shape[2]
+    batch, rank = x.shape[0], x.dim() - 2
+    spatial = list(x.shape[2:])
+    # (C_out, K * C_in/g, *kernel): each output channel's K experts side by side, matching the scaled copies'
+    # channel order (group, expert, channel), so each group's copies stay in that group
+    w = weight.transpose(0, 1).reshape([out_channels, num_experts * in_per_group] + list(weight.shape[3:]))
+    a = attention.to(x.dtype)
+    if is_channels_last(x):
+        # x's memory is (B, *spatial, g, C_in/g): the scaled copies as (B, *spatial, g, K, C_in/g) memory, a
+        # channels_last input (the contiguous layout below would turn a channels_last network contiguous)
+        x_last = x.permute([0] + list(range(2, x.dim())) + [1]).reshape([batch] + spatial + [groups, 1, in_per_group])
+        scaled = x_last * a.reshape([batch] + [1] * rank + [1, num_experts, 1])
+        if uses_matmul(weight, stride, padding, dilation, groups):
+            # unpadded stride-1 1x1 kernels: one matrix product, (B * L, K * C_in) @ (K * C_in, C_out), written as
+            # a channels_last output (F.linear: faster than the convolution here, both directions)
+            positions = 1
+            for size in spatial:
+                positions *= size
+            y = F.linear(scaled.reshape(batch * positions, num_experts * in_per_group),
+                         w.reshape(out_channels, num_experts * in_per_group).to(x.dtype))
+            mixed: Optional[Tensor] = None
+            if bias is not None:
+                mixed = torch.mm(attention.to(bias.dtype), bias)
+            return _add_bias(channels_first(y.reshape(batch, positions, out_channels), spatial), mixed)
+        x_k = channels_first(scaled, spatial)
+    else:
+        scaled = x.reshape([batch, groups, 1, in_per_group] + spatial) * a.reshape([batch, 1, num_experts, 1]
+                                                                                     + [1] * rank)
+        x_k = scaled.reshape([batch, groups * num_experts * in_per_group] + spatial)
+    out = conv(x_k, w.to(x.dtype), None, stride, padding, dilation, groups)
+    mixed_bias: Optional[Tensor] = None
+    if bias is not None:
+        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
+    return _add_bias(out, mixed_bias)
+
+
 def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                         padding: List[int], dilation: List[int], groups: int) -> Tensor:
     """Patches by the one-hot convolution, ``[W_1; ...; W_K][g] @ patches[b, g]``, then the K outputs mixed."""
@@ -279,7 +324,9 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
 # layers on small images). Among those, "unfold_experts" (matrix products) where the convolution's own kernels
 # are slow: at most UNFOLD_EXPERTS_MAX_POSITIONS output positions, or wide inputs (>= 256 channels); never for
 # 1x1 kernels, whose "experts" convolution is already one matrix product (at 4x4 outputs, batch 32, training:
-# "experts" 14-69 ms against "unfold_experts" 21-79 ms for MobileNetV2's 1x1 shapes).
+# "experts" 14-69 ms against "unfold_experts" 21-79 ms for MobileNetV2's 1x1 shapes). Unpadded stride-1 1x1
+# kernels with more output than input channels (MobileNetV2's expansions) take "scaled_inputs" instead: the same
+# K-fold arithmetic, on K scaled copies of the input rather than K outputs (benchmarks/mixing.py --part tiny1x1).
 # Measured with benchmarks/mixing.py (training step; the thresholds were set from one-thread runs and checked with
 # two threads on the quiet machine, where it picks the fastest in 4 of 6 shapes, the others within 6 % and 17 %).
 EXPERTS_MAX_POSITIONS = 48
@@ -307,8 +354,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ``padding`` is the convolution's symmetric padding, one int per spatial dimension. In eager mode, for
     ungrouped layers at batch > 1 whose output is tiny (at most ``EXPERTS_MAX_POSITIONS / (K - 1)`` positions
     per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
-    ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1) or
-    ``"experts"``; otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead: ``"experts"``
+    ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1),
+    ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
+    otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead: ``"experts"``
     for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output positions, else
     ``"chunked"``.
     While tracing, exporting or compiling, only strategies without batch-size constants qualify.
@@ -329,6 +377,8 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
             if positions * (num_experts - 1) <= limits[0]:
                 if (positions <= limits[1] or x.shape[1] >= 256) and not kernel_is_one(weight):
                     return "unfold_experts"
+                if weight.shape[1] > x.shape[1] and uses_matmul(weight, stride, padding, dilation, groups):
+                    return "scaled_inputs"  # 1x1 expansions: K copies of the smaller input, not K outputs
                 return "experts"
         # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
         # is aggregate-then-convolve, one chunk of many is batch-as-groups (or one bmm for 1x1)
@@ -388,8 +438,10 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         return conv_experts(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "unfold_experts":
         return conv_unfold_experts(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "scaled_inputs":
+        return conv_scaled_inputs(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "chunked":
         return conv_chunked(x, weight, bias, attention, stride, conv_padding, dilation, groups)
-    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts', 'unfold_experts' or "
-                     "'chunked'. "
+    raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts', 'unfold_experts', "
+                     "'scaled_inputs' or 'chunked'. "
                      "Received: strategy='" + strategy + "'")
