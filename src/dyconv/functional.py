@@ -239,6 +239,9 @@ def conv_scaled_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], attent
     # channel order (group, expert, channel), so each group's copies stay in that group
     w = weight.transpose(0, 1).reshape([out_channels, num_experts * in_per_group] + list(weight.shape[3:]))
     a = attention.to(x.dtype)
+    mixed_bias: Optional[Tensor] = None
+    if bias is not None:
+        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
     if is_channels_last(x):
         # x's memory is (B, *spatial, g, C_in/g): the scaled copies as (B, *spatial, g, K, C_in/g) memory, a
         # channels_last input (the contiguous layout below would turn a channels_last network contiguous)
@@ -252,20 +255,13 @@ def conv_scaled_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], attent
                 positions *= size
             y = F.linear(scaled.reshape(batch * positions, num_experts * in_per_group),
                          w.reshape(out_channels, num_experts * in_per_group).to(x.dtype))
-            mixed: Optional[Tensor] = None
-            if bias is not None:
-                mixed = torch.mm(attention.to(bias.dtype), bias)
-            return _add_bias(channels_first(y.reshape(batch, positions, out_channels), spatial), mixed)
+            return _add_bias(channels_first(y.reshape(batch, positions, out_channels), spatial), mixed_bias)
         x_k = channels_first(scaled, spatial)
     else:
         scaled = x.reshape([batch, groups, 1, in_per_group] + spatial) * a.reshape([batch, 1, num_experts, 1]
                                                                                      + [1] * rank)
         x_k = scaled.reshape([batch, groups * num_experts * in_per_group] + spatial)
-    out = conv(x_k, w.to(x.dtype), None, stride, padding, dilation, groups)
-    mixed_bias: Optional[Tensor] = None
-    if bias is not None:
-        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
-    return _add_bias(out, mixed_bias)
+    return _add_bias(conv(x_k, w.to(x.dtype), None, stride, padding, dilation, groups), mixed_bias)
 
 
 def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
