@@ -177,6 +177,16 @@ def per_sample(rounds: int) -> None:
                     f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")))
 
 
+def set_per_sample(per_sample, defaults) -> None:
+    """Patch the chunked strategy's rule: every sample convolved on its own (True), every chunk folded into the
+    groups (False), or the rule itself (None: ``defaults``, the thresholds' original values)."""
+    if per_sample is None:
+        _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
+    else:
+        _chunked.PER_SAMPLE_MIN_POSITIONS = 1 if per_sample else 10**9
+        _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
+
+
 def depthwise(rounds: int) -> None:
     print("batch 32, inference, MobileNetV2's depthwise 3x3 layers: ratio to static in its faster format")
     shapes = ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (192, 28, 2), (384, 14, 1),
@@ -187,9 +197,8 @@ def depthwise(rounds: int) -> None:
 
     def call(layer, x, per_sample=None, via_contiguous=False):
         def run():
-            if per_sample is not None:  # every sample on its own, or every chunk folded
-                _chunked.PER_SAMPLE_MIN_POSITIONS = 1 if per_sample else 10**9
-                _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
+            if per_sample is not None:
+                set_per_sample(per_sample, defaults)
             _chunked._folds_channels_last = (lambda x, groups: False) if via_contiguous else folds_channels_last
             with torch.no_grad():
                 layer(x.clone())
@@ -229,11 +238,7 @@ def depthwise_train(rounds: int) -> None:
 
     def call(layer, x, grad, per_sample=None, backward_via_contiguous=False):
         def run():
-            if per_sample is None:  # the strategy's own choice
-                _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = defaults
-            else:  # every sample on its own, or every chunk folded
-                _chunked.PER_SAMPLE_MIN_POSITIONS = 1 if per_sample else 10**9
-                _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1
+            set_per_sample(per_sample, defaults)
             y = layer(x.clone())
             if backward_via_contiguous:  # the forward's fold in channels_last, the backward's plain fold
                 _chunked._folds_channels_last = lambda x, groups: False

@@ -365,7 +365,7 @@ def _folded_channels_last_backward(gy: Tensor, x: Tensor, mixed: Tensor, stride:
     )
     if grad_x is not None:
         _unfold_channels_last_into(gx, grad_x)
-    return grad_mixed if need_kernels else None
+    return grad_mixed  # None where not asked for (the output mask)
 
 
 @torch.jit.unused

@@ -107,10 +107,14 @@ def mix_experts(attention: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tu
     num_experts = weight.shape[0]
     mixed = torch.mm(attention.to(weight.dtype), weight.reshape(num_experts, -1))
     mixed = mixed.reshape([attention.shape[0]] + list(weight.shape[1:]))
-    mixed_bias: Optional[Tensor] = None
-    if bias is not None:
-        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
-    return mixed, mixed_bias
+    return mixed, mix_bias(attention, bias)
+
+
+def mix_bias(attention: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """Per-sample biases ``(B, out_channels)`` (``None`` without a bias)."""
+    if bias is None:
+        return None
+    return torch.mm(attention.to(bias.dtype), bias)
 
 
 def _add_bias(out: Tensor, mixed_bias: Optional[Tensor]) -> Tensor:
@@ -222,10 +226,7 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         # about a quarter faster than multiply-then-sum, which writes and re-reads K outputs)
         a = attention.to(y.dtype).reshape(attention.shape[0], 1, 1, num_experts)
         out = torch.matmul(a, y).reshape([y.shape[0], out_channels] + out_size)
-    mixed_bias: Optional[Tensor] = None
-    if bias is not None:
-        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
-    return _add_bias(out, mixed_bias)
+    return _add_bias(out, mix_bias(attention, bias))
 
 
 def conv_scaled_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
@@ -239,9 +240,7 @@ def conv_scaled_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], attent
     # channel order (group, expert, channel), so each group's copies stay in that group
     w = weight.transpose(0, 1).reshape([out_channels, num_experts * in_per_group] + list(weight.shape[3:]))
     a = attention.to(x.dtype)
-    mixed_bias: Optional[Tensor] = None
-    if bias is not None:
-        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
+    mixed_bias = mix_bias(attention, bias)
     if is_channels_last(x):
         # x's memory is (B, *spatial, g, C_in/g): the scaled copies as (B, *spatial, g, K, C_in/g) memory, a
         # channels_last input (the contiguous layout below would turn a channels_last network contiguous)
@@ -308,10 +307,7 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     else:
         out = out.reshape(groups, batch, positions, per_group).permute(1, 0, 3, 2)
         out = out.reshape([batch, out_channels] + out_size)
-    mixed_bias: Optional[Tensor] = None
-    if bias is not None:
-        mixed_bias = torch.mm(attention.to(bias.dtype), bias)
-    return _add_bias(out, mixed_bias)
+    return _add_bias(out, mix_bias(attention, bias))
 
 
 # In eager mode, ungrouped layers whose output is tiny convolve with all K kernels and mix the outputs instead of
