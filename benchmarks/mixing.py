@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/mixing.py              # 2 threads; --threads 1 for one
     PYTHONPATH=src python benchmarks/mixing.py --part tiny  # only the second table (also: tiny1x1, per-sample,
-                                                            # depthwise, depthwise-train, chunk-mix)
+                                                            # depthwise, depthwise-train, fold-chunks,
+                                                            # chunk-mix)
 
 1. *Kernel memory* (batch 1, inference): a 3×3 convolution whose kernel is freshly allocated memory (what
    ``torch.mm`` returns when the K experts are mixed) against the same convolution reading a kernel written into
@@ -28,7 +29,12 @@
    input also "folded CL, backward via C" (the forward's channels_last fold with the plain fold's backward, which
    copies the chunk and its output gradient to the contiguous format and the input gradient back); "default" is
    what the strategy picks.
-6. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
+6. *Folded pieces* (``--part fold-chunks``, batch 32, channels_last): the depthwise layers that the chunked
+   strategy folds (under 512 output positions) at the bench's inference and training sizes, with the chunk
+   convolved in pieces of at most ``dyconv._chunked.FOLD_CHUNK_ELEMENTS`` input + output elements (each piece
+   copied into a reused workspace; one sample per piece is a view), from one sample per convolution to the whole
+   chunk in one.
+7. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
    against a scaled copy and K - 1 scaled adds per sample (``dyconv._chunked.scaled_adds``), alone for kernel
    sizes N around the thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample) and ``SCALED_ADDS_CHUNK_MIN_ELEMENTS``
    (several), with as many samples as one chunk (``FORWARD_CHUNK_ELEMENTS``) holds, up to 8; then inside 3×3
@@ -272,6 +278,56 @@ def depthwise_train(rounds: int) -> None:
               + ", ".join(f"{k} {v / best:.2f}x" for k, v in r.items() if not k.startswith("static")), flush=True)
 
 
+def fold_chunks(rounds: int) -> None:
+    print("batch 32, channels_last, MobileNetV2's depthwise 3x3 layers that the chunked strategy folds (under 512 "
+          "output positions) at the bench's sizes: ratio to static CL for budgets of FOLD_CHUNK_ELEMENTS "
+          "(input + output elements of one folded convolution)")
+    budgets = {"one sample": 1, "2^18": 1 << 18, "2^19": 1 << 19, "2^20": 1 << 20, "2^21": 1 << 21, "2^22": 1 << 22,
+               "whole chunk": 1 << 40}
+    default = _chunked.FOLD_CHUNK_ELEMENTS
+    figures = (("inference @224", ((192, 28, 2), (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1))),
+               ("training step @112", ((144, 28, 2), (192, 14, 1), (192, 14, 2), (384, 7, 1), (576, 7, 1),
+                                       (576, 7, 2), (960, 4, 1))))
+
+    def call(layer, x, grad, budget=None):
+        def run():
+            _chunked.FOLD_CHUNK_ELEMENTS = default if budget is None else budget
+            if grad is None:
+                with torch.no_grad():
+                    layer(x.clone())
+            else:
+                layer(x.clone()).backward(grad)
+        return run
+
+    for figure, shapes in figures:
+        print(f" {figure}" + (" (forward + backward)" if "training" in figure else ""))
+        totals = dict.fromkeys(["static", *budgets], 0.0)
+        for channels, size, stride in shapes:
+            out_size = (size - 1) // stride + 1
+            cl = torch.channels_last
+            x = torch.randn(32, channels, size, size).contiguous(memory_format=cl)
+            grad = None
+            if "training" in figure:
+                x.requires_grad_()
+                grad = torch.randn(32, channels, out_size, out_size).contiguous(memory_format=cl)
+            static = torch.nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False).to(memory_format=cl)
+            dy = DynamicConv2d(channels, channels, 3, stride, 1, groups=channels, bias=False, num_experts=K)
+            dy = dy.to(memory_format=cl).train(grad is not None)
+            fns = {"static": call(static, x, grad)}
+            fns.update({name: call(dy, x, grad, budget) for name, budget in budgets.items()})
+            try:
+                r = interleaved(fns, rounds)
+            finally:
+                _chunked.FOLD_CHUNK_ELEMENTS = default
+            per_sample = channels * size * size + channels * out_size * out_size
+            print(f"  dw {channels} @{size} stride {stride} ({per_sample} elements per sample): static "
+                  f"{r['static']:.2f} ms; " + ", ".join(f"{k} {r[k] / r['static']:.2f}x" for k in budgets), flush=True)
+            for k in totals:
+                totals[k] += r[k]
+        print(f"  all rows: static {totals['static']:.1f} ms; "
+              + ", ".join(f"{k} {totals[k]:.1f} ms" for k in budgets), flush=True)
+
+
 def chunk_mix(rounds: int) -> None:
     print("mixing a chunk's kernels, (n x K) @ (K x N) into a reused buffer, alone: torch.mm against scaled adds "
           "per sample (ms)")
@@ -337,7 +393,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--part", choices=["all", "memory", "tiny", "tiny1x1", "per-sample", "depthwise",
-                                           "depthwise-train", "chunk-mix"], default="all")
+                                           "depthwise-train", "fold-chunks", "chunk-mix"], default="all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds, K = {K}")
@@ -353,6 +409,8 @@ def main(argv=None) -> int:
         depthwise(args.rounds)
     if args.part in ("all", "depthwise-train"):
         depthwise_train(args.rounds)
+    if args.part in ("all", "fold-chunks"):
+        fold_chunks(args.rounds)
     if args.part in ("all", "chunk-mix"):
         chunk_mix(args.rounds)
     return 0

@@ -556,6 +556,65 @@ def test_depthwise_channels_last_folds_in_channels_last(tiny_chunks, monkeypatch
     assert grads[0].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("case", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, dilation=2, padding=2)],
+                         ids=str)
+@pytest.mark.parametrize("out_channels", [8, 16])
+@pytest.mark.parametrize("piece", [1, 2])
+def test_depthwise_channels_last_folds_in_pieces(tiny_chunks, monkeypatch, rank, case, out_channels, piece):
+    """A folded channels_last depthwise chunk is convolved ``_fold_pieces`` samples at a time, forward and backward
+    (pieces that do not divide the chunks): output and every gradient against the reference and "loop", the size
+    and workspace slot of every fold, channels_last output and input gradient."""
+    monkeypatch.setattr(_chunked, "PER_SAMPLE_MIN_POSITIONS", 10**9)
+    monkeypatch.setattr(_chunked, "_fold_pieces", lambda x, out_spatial, out_channels: min(piece, x.shape[0]))
+    folds = []
+    real = _chunked._fold_channels_last
+    monkeypatch.setattr(_chunked, "_fold_channels_last", lambda x, slot: folds.append((x.shape[0], slot)) or real(x, slot))
+    layer = LAYER[rank](8, out_channels, groups=8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
+    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
+    x = torch.randn(5, 8, *SPATIAL[rank], dtype=torch.float64)
+    ref = per_sample_reference(layer, x)
+    x_cl = x.contiguous(memory_format=fmt).requires_grad_()
+    _chunked.clear_workspaces()
+    out = run(layer, x_cl, "chunked")
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    assert out.is_contiguous(memory_format=fmt)
+    # forward chunks of 2, 2, 1 samples (tiny_chunks), each in pieces of at most `piece`, the input in slot 3
+    assert folds == ([(1, 3)] * 5 if piece == 1 else [(2, 3), (2, 3), (1, 3)])
+    folds.clear()
+    assert_gradients_match_loop(layer, x_cl, out)
+    # backward chunks of 3 and 2: the output gradient (slot 3) and the input (slot 4) of every piece
+    pieces = [1] * 5 if piece == 1 else [2, 1, 2]
+    assert folds == [f for n in pieces for f in ((n, 3), (n, 4))]
+    (grad_x,) = torch.autograd.grad(run(layer, x_cl, "chunked").sum(), x_cl)
+    assert grad_x.is_contiguous(memory_format=fmt)
+    slots = {key[2] for key in _chunked.thread_state().cache}
+    assert ({3, 4} <= slots) == (piece > 1)  # one-sample pieces are views: no workspace
+
+
+def test_fold_pieces_budget(monkeypatch):
+    """As many samples per piece as keep the piece's input plus output elements within FOLD_CHUNK_ELEMENTS; at
+    least one, at most the chunk."""
+    x = torch.zeros(5, 8, 6, 6).contiguous(memory_format=torch.channels_last)  # 288 input elements per sample
+    per_sample = 288 + 8 * 3 * 3  # stride 2: a 3x3 output of 8 channels
+    for budget, pieces in [(2 * per_sample, 2), (2 * per_sample - 1, 1), (1, 1), (10**9, 5)]:
+        monkeypatch.setattr(_chunked, "FOLD_CHUNK_ELEMENTS", budget)
+        assert _chunked._fold_pieces(x, [3, 3], 8) == pieces
+    monkeypatch.setattr(_chunked, "FOLD_CHUNK_ELEMENTS", 3 * (288 + 16 * 36))  # depth multiplier 2, stride 1
+    assert _chunked._fold_pieces(x, [6, 6], 16) == 3
+
+
+def test_fold_of_one_sample_is_a_view():
+    x = torch.randn(3, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    folded = _chunked._fold_channels_last(x[1:2], 3)
+    assert folded.shape == (1, 8, 5, 6) and folded.data_ptr() == x[1].data_ptr()
+    torch.testing.assert_close(folded, x[1:2], rtol=0, atol=0)
+    folded = _chunked._fold_channels_last(x[1:3], 3)  # two samples: (5, 6, 2, 8) memory, the channels of both
+    assert folded.shape == (1, 16, 5, 6) and folded.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(folded[0, 8:], x[2], rtol=0, atol=0)
+    torch.testing.assert_close(folded[0, :8], x[1], rtol=0, atol=0)
+
+
 def test_channels_last_fold_only_for_depthwise_on_the_cpu():
     x = torch.zeros(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
     assert _chunked._folds_channels_last(x, 8)

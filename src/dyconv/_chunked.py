@@ -62,6 +62,15 @@ PER_SAMPLE_MIN_POSITIONS = 512
 # 192 x 28² (3.2-4.3x static against 5.7-7.9x folded) and at 144 x 56² with stride 2; folded faster below 512
 # output positions (384 x 14²: 2.1x against 3.2-3.8x). (An earlier run had put 192 x 28² on the folded side.)
 PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 17
+# Input plus output elements of one folded convolution of a channels_last depthwise chunk: the chunk is convolved
+# in pieces of at most this many (at least one sample each), each piece's input copied into a reused workspace, so
+# that the workspaces stay bounded whatever the batch. Freshly allocated copies of the whole chunk (the former fold)
+# were slower: DY-MobileNetV2's batch-32 inference at 224², channels_last, 29 and 67 ms faster per batch of about
+# 1.2 s (two ad-hoc interleaved A/Bs, 11 rounds, paired medians). Batch 32, MobileNetV2's folded depthwise layers at
+# the bench's sizes, all rows together (``benchmarks/mixing.py --part fold-chunks --rounds 15``): 2^20 the fastest
+# budget at inference (35.8 ms; 36.3-38.2 larger, 41.9-51.5 smaller), within 4 % of the fastest in the training
+# step (69.9 ms against 67.1 for the whole chunk in one piece; 2^18 and smaller 99.7-174.4).
+FOLD_CHUNK_ELEMENTS = 1 << 20
 # On other devices (CUDA): the limits above are the CPU's (its caches, its allocator, its per-call cost) and
 # do not apply. A GPU runs one large launch far better than many small ones (``dyconv bench --device cuda`` on
 # an H200 with the CPU's limits: DY-ResNet-18 batch 32 at 26x static, the naive batch-as-groups code at 5x), so
@@ -131,8 +140,8 @@ def clear_workspaces() -> None:
 
 def workspace_bytes() -> int:
     """Bytes held by this thread's mixing workspaces (at most one forward chunk and one backward chunk of
-    mixed kernels, or one sample's kernel where that is larger, and one backward chunk of 1×1 kernel gradients,
-    per device and dtype)."""
+    mixed kernels, or one sample's kernel where that is larger, one backward chunk of 1×1 kernel gradients, and
+    two folded pieces of channels_last depthwise input or output gradient, per device and dtype)."""
     cache = getattr(_workspaces, "cache", None) or {}
     return sum(buf.numel() * buf.element_size() for buf in cache.values())
 
@@ -245,12 +254,20 @@ def scaled_adds(weights: List[float], rows, out: Tensor) -> Tensor:
     return out
 
 
+def output_spatial(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> List[int]:
+    """The spatial sizes of a convolution's output (``weight``: ``(K or n, C_out, C_in // groups, *kernel)``)."""
+    sizes: List[int] = []
+    for i in range(x.dim() - 2):
+        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
+        sizes.append(max(0, (x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1))
+    return sizes
+
+
 def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> int:
     """Output positions per sample (product of the output's spatial sizes) of a convolution."""
     positions = 1
-    for i in range(x.dim() - 2):
-        span = dilation[i] * (weight.shape[3 + i] - 1) + 1
-        positions *= max(0, (x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    for size in output_spatial(x, weight, stride, padding, dilation):
+        positions *= size
     return positions
 
 
@@ -327,6 +344,16 @@ def _folds_channels_last(x: Tensor, groups: int) -> bool:
 
 
 @torch.jit.unused
+def _fold_pieces(x: Tensor, out_spatial: List[int], out_channels: int) -> int:
+    """Samples per folded convolution of a channels_last depthwise chunk: as many as keep one piece's input and
+    output within ``FOLD_CHUNK_ELEMENTS`` (at least one)."""
+    per_sample = x[0].numel()
+    for size in out_spatial:
+        out_channels *= size
+    return max(1, min(x.shape[0], FOLD_CHUNK_ELEMENTS // (per_sample + out_channels)))
+
+
+@torch.jit.unused
 def _folded_channels_last(x: Tensor, mixed: Tensor, b: Optional[Tensor], stride: List[int], padding: List[int],
                           dilation: List[int], groups: int) -> Tensor:
     """A depthwise chunk folded into the groups without leaving channels_last.
@@ -340,41 +367,71 @@ def _folded_channels_last(x: Tensor, mixed: Tensor, b: Optional[Tensor], stride:
     Batch 32, MobileNetV2's depthwise layers at 7²-112² (``benchmarks/mixing.py --part depthwise``: "folded CL"
     against "folded CL via C"): faster in 8 of 10 rows in the README's run, e.g. 384 @14 2.36x static against
     4.52x. Backward does the same (:func:`_folded_channels_last_backward`).
+
+    The chunk is convolved in pieces of a few samples (:func:`_fold_pieces`), each copied into a reused
+    workspace: a convolution over the whole chunk is slow where its folded rows leave the caches, and where
+    a sample alone exceeds the budget it is convolved alone (its fold is then a view, no copy).
     """
     chunk, out_channels, rank = x.shape[0], mixed.shape[1], x.dim() - 2
-    out = torch.convolution(_fold_channels_last(x), _folded_kernels(mixed), b, stride, padding, dilation, False,
-                            [0] * rank, chunk * groups)
-    result = torch.empty([chunk, out_channels] + list(out.shape[2:]), dtype=out.dtype, device=out.device,
+    out_spatial = output_spatial(x, mixed, stride, padding, dilation)
+    result = torch.empty([chunk, out_channels] + out_spatial, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last if rank == 2 else torch.channels_last_3d)
-    return _unfold_channels_last_into(out, result)
+    kernels = _folded_kernels(mixed)
+    piece = _fold_pieces(x, out_spatial, out_channels)
+    for start in range(0, chunk, piece):
+        end = min(start + piece, chunk)
+        b_piece: Optional[Tensor] = None
+        if b is not None:
+            b_piece = b[start * out_channels : end * out_channels]
+        out = torch.convolution(_fold_channels_last(x[start:end], 3),
+                                kernels[start * out_channels : end * out_channels], b_piece, stride, padding,
+                                dilation, False, [0] * rank, (end - start) * groups)
+        _unfold_channels_last_into(out, result[start:end])
+    return result
 
 
 @torch.jit.unused
 def _folded_channels_last_backward(gy: Tensor, x: Tensor, mixed: Tensor, stride: List[int], padding: List[int],
                                    dilation: List[int], groups: int, grad_x: Optional[Tensor],
                                    need_kernels: bool) -> Optional[Tensor]:
-    """Backward of :func:`_folded_channels_last` for one chunk: the input gradient written into ``grad_x`` (the
-    chunk's channels_last slice of the batch's, when given), the per-sample kernel gradients returned
-    ``(n * C_out, 1, *kernel)`` when ``need_kernels``. The plain fold's backward copies ``x`` and ``gy`` to the
-    contiguous format and the input gradient back, and convolves in the contiguous format: MobileNetV2's
+    """Backward of :func:`_folded_channels_last` for one chunk, in the same pieces: the input gradient written
+    into ``grad_x`` (the chunk's channels_last slice of the batch's, when given), the per-sample kernel gradients
+    returned ``(n * C_out, 1, *kernel)`` when ``need_kernels``. The plain fold's backward copies ``x`` and ``gy``
+    to the contiguous format and the input gradient back, and convolves in the contiguous format: MobileNetV2's
     depthwise layers at the training step's sizes, batch 32 (``benchmarks/mixing.py --part depthwise-train``)."""
-    rank = x.dim() - 2
-    gx, grad_mixed, _ = torch.ops.aten.convolution_backward(
-        _fold_channels_last(gy), _fold_channels_last(x), _folded_kernels(mixed), None, stride, padding, dilation,
-        False, [0] * rank, x.shape[0] * groups, [grad_x is not None, need_kernels, False],
-    )
-    if grad_x is not None:
-        _unfold_channels_last_into(gx, grad_x)
-    return grad_mixed  # None where not asked for (the output mask)
+    chunk, out_channels, rank = x.shape[0], mixed.shape[1], x.dim() - 2
+    kernels = _folded_kernels(mixed)
+    piece = _fold_pieces(x, list(gy.shape[2:]), out_channels)
+    grads: List[Tensor] = []
+    for start in range(0, chunk, piece):
+        end = min(start + piece, chunk)
+        gx, grad_kernels, _ = torch.ops.aten.convolution_backward(
+            _fold_channels_last(gy[start:end], 3), _fold_channels_last(x[start:end], 4),
+            kernels[start * out_channels : end * out_channels], None, stride, padding, dilation, False, [0] * rank,
+            (end - start) * groups, [grad_x is not None, need_kernels, False],
+        )
+        if grad_x is not None:
+            _unfold_channels_last_into(gx, grad_x[start:end])
+        if need_kernels:
+            grads.append(grad_kernels)
+    if not need_kernels:
+        return None
+    return grads[0] if len(grads) == 1 else torch.cat(grads, 0)
 
 
 @torch.jit.unused
-def _fold_channels_last(x: Tensor) -> Tensor:
+def _fold_channels_last(x: Tensor, slot: int) -> Tensor:
     """A channels_last ``(n, C, *spatial)`` chunk as a channels_last ``(1, n * C, *spatial)`` tensor: copied to
-    ``(*spatial, n, C)`` memory."""
+    ``(*spatial, n, C)`` memory, in the workspace ``slot`` on the CPU (a view for one sample: its memory already
+    is that)."""
     chunk, channels, rank = x.shape[0], x.shape[1], x.dim() - 2
     spatial = list(x.shape[2:])
-    folded = x.permute(list(range(2, 2 + rank)) + [0, 1]).contiguous()  # (*spatial, n, C)
+    moved = x.permute(list(range(2, 2 + rank)) + [0, 1])  # (*spatial, n, C)
+    if chunk == 1:
+        folded = moved.contiguous()  # a view when x is dense (it may be any strided sample)
+    else:
+        buf = workspace(x.numel(), x, slot)
+        folded = moved.contiguous() if buf is None else buf.view(spatial + [chunk, channels]).copy_(moved)
     return folded.view([1] + spatial + [chunk * channels]).permute([0, rank + 1] + list(range(1, rank + 1)))
 
 
