@@ -67,9 +67,9 @@ PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 17
 # that the workspaces stay bounded whatever the batch. Freshly allocated copies of the whole chunk (the former fold)
 # were slower: DY-MobileNetV2's batch-32 inference at 224², channels_last, 29 and 67 ms faster per batch of about
 # 1.2 s (two ad-hoc interleaved A/Bs, 11 rounds, paired medians). Batch 32, MobileNetV2's folded depthwise layers at
-# the bench's sizes, all rows together (``benchmarks/mixing.py --part fold-chunks --rounds 15``): 2^20 the fastest
-# budget at inference (35.8 ms; 36.3-38.2 larger, 41.9-51.5 smaller), within 4 % of the fastest in the training
-# step (69.9 ms against 67.1 for the whole chunk in one piece; 2^18 and smaller 99.7-174.4).
+# the bench's sizes, all rows together (``benchmarks/mixing.py --part fold-chunks --rounds 15``, two runs): 2^20 the
+# fastest budget at inference (35.8 and 43.0 ms; larger 36.3-63.0, smaller 41.9-70.3), within 4 % of the fastest
+# in the training step (69.9 and 67.4 ms against 67.1 and 66.2; 2^18 and smaller 91.0-174.4).
 FOLD_CHUNK_ELEMENTS = 1 << 20
 # On other devices (CUDA): the limits above are the CPU's (its caches, its allocator, its per-call cost) and
 # do not apply. A GPU runs one large launch far better than many small ones (``dyconv bench --device cuda`` on
