@@ -369,8 +369,8 @@ def _folded_channels_last(x: Tensor, mixed: Tensor, b: Optional[Tensor], stride:
     4.52x. Backward does the same (:func:`_folded_channels_last_backward`).
 
     The chunk is convolved in pieces of a few samples (:func:`_fold_pieces`), each copied into a reused
-    workspace: a convolution over the whole chunk is slow where its folded rows leave the caches, and where
-    a sample alone exceeds the budget it is convolved alone (its fold is then a view, no copy).
+    workspace (a fresh copy of the whole chunk was slower; the pieces keep the workspace bounded whatever the
+    batch); a sample that alone exceeds the budget is its own piece, and its fold is a view (no copy).
     """
     chunk, out_channels, rank = x.shape[0], mixed.shape[1], x.dim() - 2
     out_spatial = output_spatial(x, mixed, stride, padding, dilation)
