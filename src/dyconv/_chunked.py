@@ -65,11 +65,14 @@ PER_SAMPLE_GROUPED_MIN_ELEMENTS = 1 << 17
 # Input plus output elements of one folded convolution of a channels_last depthwise chunk: the chunk is convolved
 # in pieces of at most this many (at least one sample each), each piece's input copied into a reused workspace, so
 # that the workspaces stay bounded whatever the batch. Freshly allocated copies of the whole chunk (the former fold)
-# were slower: DY-MobileNetV2's batch-32 inference at 224², channels_last, 29 and 67 ms faster per batch of about
-# 1.2 s (two ad-hoc interleaved A/Bs, 11 rounds, paired medians). Batch 32, MobileNetV2's folded depthwise layers at
-# the bench's sizes, all rows together (``benchmarks/mixing.py --part fold-chunks --rounds 15``, two runs): 2^20 the
-# fastest budget at inference (35.8 and 43.0 ms; larger 36.3-63.0, smaller 41.9-70.3), within 4 % of the fastest
-# in the training step (69.9 and 67.4 ms against 67.1 and 66.2; 2^18 and smaller 91.0-174.4).
+# were slower in the layers (576 @14, batch 32 inference: 6.6 ms faster in 29 of 29 paired rounds; 144 @28 stride 2
+# training step: 17 ms, 29 of 29); in DY-MobileNetV2 as a whole the gain is not established (two in-process A/Bs at
+# batch 32: 29 and 67 ms of about 1.2 s; ``benchmarks/ab.py --against c1ac487``, each side in its own process over
+# three launches: 6 ms at batch 32 and 65 ms per training step, faster in 18 and 19 of 33 rounds). Batch 32,
+# MobileNetV2's folded depthwise layers at the bench's sizes, all rows together (``benchmarks/mixing.py --part
+# fold-chunks --rounds 15``, two runs): 2^20 the fastest budget at inference (35.8 and 43.0 ms; larger 36.3-63.0,
+# smaller 41.9-70.3), within 4 % of the fastest in the training step (69.9 and 67.4 ms against 67.1 and 66.2; 2^18
+# and smaller 91.0-174.4).
 FOLD_CHUNK_ELEMENTS = 1 << 20
 # On other devices (CUDA): the limits above are the CPU's (its caches, its allocator, its per-call cost) and
 # do not apply. A GPU runs one large launch far better than many small ones (``dyconv bench --device cuda`` on
