@@ -266,12 +266,17 @@ def output_spatial(x: Tensor, weight: Tensor, stride: List[int], padding: List[i
     return sizes
 
 
+def product(sizes: List[int]) -> int:
+    """The product of ``sizes`` (1 for none)."""
+    result = 1
+    for size in sizes:
+        result *= size
+    return result
+
+
 def output_positions(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> int:
     """Output positions per sample (product of the output's spatial sizes) of a convolution."""
-    positions = 1
-    for size in output_spatial(x, weight, stride, padding, dilation):
-        positions *= size
-    return positions
+    return product(output_spatial(x, weight, stride, padding, dilation))
 
 
 def convolves_per_sample(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
@@ -289,10 +294,9 @@ def convolves_per_sample(x: Tensor, weight: Tensor, stride: List[int], padding: 
         return False
     if training or groups == 1:
         return True
-    elements = 1  # the input's: a strided layer reads more than it writes (depthwise 144 @56 stride 2, batch 32:
-    for size in x.shape[1:]:  # 2.1-4.2x static per sample against 4.9-11x folded, benchmarks/mixing.py)
-        elements *= size
-    return elements >= grouped_min_elements
+    # the input's elements: a strided layer reads more than it writes (depthwise 144 @56 stride 2, batch 32:
+    # 2.1-4.2x static per sample against 4.9-11x folded, benchmarks/mixing.py)
+    return product(list(x.shape[1:])) >= grouped_min_elements
 
 
 def _conv_chunk(x: Tensor, mixed: Tensor, mixed_bias: Optional[Tensor], stride: List[int], padding: List[int],
@@ -350,10 +354,8 @@ def _folds_channels_last(x: Tensor, groups: int) -> bool:
 def _fold_pieces(x: Tensor, out_spatial: List[int], out_channels: int) -> int:
     """Samples per folded convolution of a channels_last depthwise chunk: as many as keep one piece's input and
     output within ``FOLD_CHUNK_ELEMENTS`` (at least one)."""
-    per_sample = x[0].numel()
-    for size in out_spatial:
-        out_channels *= size
-    return max(1, min(x.shape[0], FOLD_CHUNK_ELEMENTS // (per_sample + out_channels)))
+    per_sample = x[0].numel() + out_channels * product(out_spatial)
+    return max(1, min(x.shape[0], FOLD_CHUNK_ELEMENTS // per_sample))
 
 
 @torch.jit.unused

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _chunked
-from ._chunked import (conv_chunked, is_channels_last, kernel_is_one, output_positions, tracing_exporting_or_compiling,
-                       uses_matmul)
+from ._chunked import (conv_chunked, is_channels_last, kernel_is_one, output_positions, product,
+                       tracing_exporting_or_compiling, uses_matmul)
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "scaled_inputs", "chunked")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
@@ -213,9 +213,7 @@ def conv_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         # would copy all K outputs into the contiguous format, and the rest of a channels_last network would
         # run on a contiguous output: `dyconv bench`'s DY-MobileNetV2 training step, whose 1x1 layers at 4x4
         # take this strategy)
-        positions = 1
-        for size in out_size:
-            positions *= size
+        positions = product(out_size)
         y_last = y.permute([0] + list(range(2, y.dim())) + [1]).reshape(y.shape[0], positions, groups,
                                                                           num_experts, per_group)
         a = attention.to(y.dtype).reshape(attention.shape[0], 1, 1, 1, num_experts)
@@ -249,9 +247,7 @@ def conv_scaled_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], attent
         if uses_matmul(weight, stride, padding, dilation, groups):
             # unpadded stride-1 1x1 kernels: one matrix product, (B * L, K * C_in) @ (K * C_in, C_out), written as
             # a channels_last output (F.linear: faster than the convolution here, both directions)
-            positions = 1
-            for size in spatial:
-                positions *= size
+            positions = product(spatial)
             y = F.linear(scaled.reshape(batch * positions, num_experts * in_per_group),
                          w.reshape(out_channels, num_experts * in_per_group).to(x.dtype))
             return _add_bias(channels_first(y.reshape(batch, positions, out_channels), spatial), mixed_bias)
@@ -272,9 +268,7 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
     taps = _one_hot_taps(in_channels, list(weight.shape[3:]), x)
     patches = conv(x, taps, None, stride, padding, dilation, in_channels)
     out_size = list(patches.shape[2:])
-    positions = 1
-    for size in out_size:
-        positions *= size
+    positions = product(out_size)
     # (g, B * L, C_in/g * taps): one matrix product per group over the whole batch (a broadcast matmul
     # would expand the experts to one copy per sample)
     last = is_channels_last(patches)
