@@ -3,6 +3,8 @@
 import copy
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,6 +95,30 @@ def test_each_side_counts_its_faster_format_timed_in_the_same_rounds(monkeypatch
     # each side's figure is its faster format's median, and that format is recorded
     medians = {("a", "contiguous"): 2.0, ("a", "channels_last"): 1.0, ("b", "contiguous"): 3.0,
                ("b", "channels_last"): 4.0}
-    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, repeats, settle=0: medians)
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, repeats, settle=0, faults=None: medians)
     assert bench._timed_in_best_format(sides, "train", runners, repeats=3) == {"a": 1.0, "b": 3.0}
     assert sides["a"].chosen["train"] == "channels_last" and sides["b"].chosen["train"] == "contiguous"
+
+
+def test_page_faults_counted_per_call_and_allocator_environment_recorded(monkeypatch, tmp_path):
+    import dyconv.benchmark as bench
+
+    if bench.allocator_environment() or bench.page_faults() == 0:
+        pytest.skip("the allocator is configured (fresh memory may be reused) or the platform counts no faults")
+    # In a fresh process (here, earlier tests may have left free blocks this large in the heap), 64 MiB is above
+    # glibc's largest mmap threshold (32 MiB): every call maps fresh pages and touches them all.
+    code = ("from dyconv.benchmark import interleaved_medians; import torch; faults = {}; "
+            "interleaved_medians({'fresh': lambda: torch.ones(16 * 2**20), 'none': lambda: None}, repeats=3, "
+            "faults=faults); print(faults['fresh'], faults['none'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    fresh, none = map(float, out.split()[-2:])
+    assert fresh >= 32  # at least one fault per 2 MiB even with transparent huge pages
+    assert none < fresh
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    rows = run_benchmark(layers=[LayerShape("tiny 1x1", 4, 6, 1, 8)], networks=[], batch_size=2, repeats=1,
+                         naive=False, verbose=False, json_path=str(tmp_path / "b.json"))
+    meta = json.loads((tmp_path / "b.json").read_text())["meta"]
+    assert meta["allocator_environment"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    assert all(rows[0][f"{figure}_page_faults"] >= 0 for figure in bench.FIGURES)
+    assert "tiny 1x1" in bench.format_page_faults(rows)

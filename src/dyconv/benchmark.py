@@ -17,7 +17,10 @@ written by its authors. Peak training memory is read from PyTorch's own allocato
 ``profile_memory=True``, device CPU or CUDA alike): the running sum of every allocation and free during one
 training step, maximised; it counts the activations kept for backward, the temporaries and the gradients allocated
 by the step, not the parameters and optimizer state that exist before it. Layer rows train at half the listed
-spatial size, where the layer sits in a network fed 112² images.
+spatial size, where the layer sits in a network fed 112² images. The minor page faults of every timed call are
+counted too (medians per side and figure, printed after the table and written with the rows), and the variables
+that configure the allocator are recorded with the results: on a machine that maps fresh pages slowly they are a
+large share of both sides' figures (README, "Page faults").
 
 The DY networks are ``dyconv.convert(torchvision model, init="fresh")``: every convolution but the stem
 becomes a :class:`dyconv.DynamicConv2d` with the torchvision shapes (K = 4).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -182,24 +186,53 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (every thread; 0 where the platform does not count them): each is
+    the kernel mapping one fresh page (4 KiB, or 2 MiB for a transparent huge page) on its first touch."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# Environment variables that change how this process gets its memory (glibc's malloc tunables, a preloaded
+# allocator, PyTorch's transparent-huge-page switch); recorded with the results, since on a machine that maps
+# fresh pages slowly they change both sides' figures (README, "Page faults").
+ALLOCATOR_ENVIRONMENT = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "THP_MEM_ALLOC_ENABLE")
+
+
+def allocator_environment() -> dict[str, str]:
+    """The variables of :data:`ALLOCATOR_ENVIRONMENT` that are set, with their values."""
+    return {name: os.environ[name] for name in ALLOCATOR_ENVIRONMENT if name in os.environ}
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                        settle: int = 0) -> dict[str, float]:
+                        settle: int = 0, faults: dict[str, float] | None = None) -> dict[str, float]:
     """Median seconds of each function, the functions called in turn ``repeats`` times after ``warmup``.
 
     ``settle``: untimed calls of a function just before each of its timed calls, so that it is timed in its own
     steady state (caches, allocator) rather than in the state the previous side left. Batch-1 figures need it:
     without it a side measures up to 3x slower when it follows a side that allocated and freed a large kernel
     (benchmarks/batch1_order.py).
+
+    ``faults``: if given, filled with each function's median number of minor page faults per timed call
+    (:func:`page_faults`; counted for the whole process, while only that function runs).
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    counts: dict[str, list[int]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             for _ in range(settle):
                 fn()
+            before = page_faults()
             times[name].append(_timed(fn))
+            counts[name].append(page_faults() - before)
+    if faults is not None:
+        faults.update({name: statistics.median(c) for name, c in counts.items()})
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -249,6 +282,8 @@ class _Side:
         self.models = {fmt: (model if i == 0 else copy.deepcopy(model)).to(memory_format=FORMATS[fmt])
                        for i, fmt in enumerate(self.formats)}
         self.chosen = {figure: self.formats[0] for figure in FIGURES}
+        # median minor page faults per timed call in the chosen format, per figure
+        self.page_faults = {figure: 0.0 for figure in FIGURES}
 
     def train(self, mode: bool) -> None:
         for model in self.models.values():
@@ -266,11 +301,13 @@ def _timed_in_best_format(sides: dict[str, _Side], figure: str,
     """Every format of every side timed in the same interleaved rounds; each side's figure is its faster
     format's median (recorded in ``side.chosen``)."""
     fns = {(name, fmt): fn for name, by_format in runners.items() for fmt, fn in by_format.items()}
-    medians = interleaved_medians(fns, repeats, settle=settle)
+    faults: dict = {}
+    medians = interleaved_medians(fns, repeats, settle=settle, faults=faults)
     best: dict[str, float] = {}
     for name, side in sides.items():
         fmt = min(side.formats, key=lambda f: medians[(name, f)])
         side.chosen[figure] = fmt
+        side.page_faults[figure] = faults.get((name, fmt), 0.0)
         best[name] = medians[(name, fmt)]
     return best
 
@@ -314,6 +351,8 @@ def _rows(kind: str, name: str, measured: dict[str, dict[str, float]], sides: di
         for figure in FIGURES:
             row[f"{figure}_format"] = sides[side_name].chosen[figure]
             row[f"{figure}_static_format"] = sides["static"].chosen[figure]
+            row[f"{figure}_page_faults"] = sides[side_name].page_faults[figure]
+            row[f"{figure}_static_page_faults"] = sides["static"].page_faults[figure]
         row.update({
             "b1_static_ms": round(static["b1"] * 1e3, 3), "b1_ratio": round(m["b1"] / static["b1"], 3),
             "batch_static_ms": round(static["batch"] * 1e3, 3), "batch_ratio": round(m["batch"] / static["batch"], 3),
@@ -383,7 +422,9 @@ def network_training_memory(name: str, *, batch_size: int = 32, image_size: int 
 
 COLUMNS = ("kind", "name", "implementation", "b1_format", "b1_static_format", "batch_format", "batch_static_format",
            "train_format", "train_static_format", "b1_static_ms", "b1_ratio", "batch_static_ms", "batch_ratio",
-           "train_static_ms", "train_ratio", "memory_static_mb", "memory_ratio")
+           "train_static_ms", "train_ratio", "memory_static_mb", "memory_ratio", "b1_page_faults",
+           "b1_static_page_faults", "batch_page_faults", "batch_static_page_faults", "train_page_faults",
+           "train_static_page_faults")
 _SHORT = {"contiguous": "C", "channels_last": "CL"}
 
 
@@ -407,6 +448,18 @@ def format_table(rows: Sequence[dict], batch_size: int = 32) -> str:
             f"| {r['batch_ratio']:.2f}× ({ms(r['batch_static_ms'])} ms) {fmt(r, 'batch')} | {r['train_ratio']:.2f}× "
             f"({ms(r['train_static_ms'])} ms) {fmt(r, 'train')} | {r['memory_ratio']:.2f}× "
             f"({r['memory_static_mb']:.0f} MB) |")
+    return "\n".join(lines)
+
+
+def format_page_faults(rows: Sequence[dict]) -> str:
+    """A Markdown table of the minor page faults per timed call (thousands; medians) of each row's side and of
+    static, per figure: the pages the kernel mapped afresh during the call (README, "Page faults")."""
+    lines = ["| shape / network | impl. | page faults per call, thousands: batch 1 | batch | train step |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        cells = " | ".join(f"{r[figure + '_page_faults'] / 1e3:.1f} / {r[figure + '_static_page_faults'] / 1e3:.1f}"
+                           for figure in FIGURES)
+        lines.append(f"| {r['name']} | {r['implementation']} (/ static) | {cells} |")
     return "\n".join(lines)
 
 
@@ -464,8 +517,13 @@ def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Seque
     if verbose:
         print()
         print(format_table(rows, batch_size))
+        print()
+        print(format_page_faults(rows))
+        environment = allocator_environment()
+        print("allocator environment: " + (", ".join(f"{k}={v}" for k, v in environment.items()) or "default"))
     meta = {"threads": threads, "batch_size": batch_size, "image_size": image_size,
             "train_image_size": train_image_size, "repeats": repeats, "torch": torch.__version__,
-            "layers": [asdict(s) for s in layers], "networks": list(networks), "device": _device_name(device)}
+            "layers": [asdict(s) for s in layers], "networks": list(networks), "device": _device_name(device),
+            "allocator_environment": allocator_environment()}
     write_results(rows, csv_path, json_path, meta)
     return rows
