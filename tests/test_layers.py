@@ -384,13 +384,17 @@ def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, m
     assert not used
 
 
+@pytest.mark.parametrize("scaled_adds", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, monkeypatch):
-    """Kernels of >= 2^18 elements are mixed by scaled adds; channels_last experts in their order; the one-sample
-    path uses matrix-vector products (attention, bias) and no matrix product. All against the reference, and the
-    attention equals the batched computation's."""
+def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, scaled_adds, monkeypatch):
+    """A large kernel (2^18 elements) is mixed by one matrix-vector product by default, and by scaled adds where
+    SCALED_ADDS_MIN_ELEMENTS admits it; channels_last experts in their order; the one-sample path uses
+    matrix-vector products (attention, bias) and no matrix product. All against the reference, and the attention
+    equals the batched computation's."""
     layer = DynamicConv2d(64, 512, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
-    assert layer.weight[0].numel() >= dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS
+    if scaled_adds:
+        monkeypatch.setattr(dyconv._chunked, "SCALED_ADDS_MIN_ELEMENTS", 1 << 18)
+    assert (layer.weight[0].numel() >= dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS) == scaled_adds
     x = torch.randn(1, 64, 5, 4, dtype=torch.float64)
     ref = per_sample_reference(layer, x)
     if channels_last:
@@ -403,7 +407,10 @@ def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, monk
     monkeypatch.setattr(torch, "mul", _spy(torch.mul, muls))
     with torch.no_grad():
         out = layer(x)
-    assert not mms and len(mvs) == 1 and len(muls) == 1  # bias by mv; kernel by one scaled copy (and adds)
+    if scaled_adds:
+        assert not mms and len(mvs) == 1 and len(muls) == 1  # bias by mv; kernel by one scaled copy (and adds)
+    else:
+        assert not mms and len(mvs) == 2 and not muls  # kernel and bias by mv
     with torch.no_grad():
         torch.testing.assert_close(layer.attention(x), layer.attention(torch.cat([x, x]))[:1], **TOL[torch.float64])
     torch.testing.assert_close(out, ref, **TOL[torch.float64])

@@ -217,14 +217,21 @@ def unflatten(flat: Tensor, weight: Tensor, order: List[int]) -> Tensor:
     return permuted.permute(inverse)
 
 
-# Kernels of at least this many elements are mixed for one sample by scaled adds instead of ``torch.mm`` (CPU).
-SCALED_ADDS_MIN_ELEMENTS = 1 << 18
-# ... and, for chunks of several samples, kernels of at least this many elements, sample by sample. Inside the
-# 3x3 256->256 layer (589824 elements, chunks of 3 samples, batch 32) that ran faster than torch.mm's (n x K) @
-# (K x N) in 11 of 12 cells over three runs, by about 0.1 of static's time, although alone torch.mm mixes such a
-# chunk as fast or faster (benchmarks/mixing.py --part chunk-mix). Smaller kernels were not measured inside a layer:
-# 2^19 takes the 256->256 kernels and leaves the 3x3 128->256 ones (294912) to torch.mm.
-SCALED_ADDS_CHUNK_MIN_ELEMENTS = 1 << 19
+# Kernels of at least this many elements are mixed for one sample by scaled adds (``scaled_adds``) instead of
+# ``torch.mm``/``torch.mv`` (CPU); ``_NEVER``: never. Which is faster depends on the CPU. On the machines of the
+# sessions up to 2026-11-29 (about 10 GB/s from memory) scaled adds streamed large kernels faster (3x3 512->512,
+# warm: 3.2 ms against 3.5 ms for mm and 4.4 ms for mv, benchmarks/batch1_parts.py --part mixing), so the
+# threshold was 2^18. On the one of 2026-11-29 (AMX-capable Xeon, about three times the bandwidth) the opposite
+# held everywhere: the same kernel 1.10 ms by mv against 1.69 ms by scaled adds, and DY-ResNet-18 at batch 1 was
+# faster with mv in two A/Bs (README, "Mixing by scaled adds").
+SCALED_ADDS_MIN_ELEMENTS = _NEVER
+# ... and, for chunks of several samples, kernels of at least this many elements, sample by sample (``_NEVER``:
+# never). Inside the 3x3 256->256 layer (589824 elements, chunks of 3 samples, batch 32) scaled adds had been faster
+# than torch.mm's (n x K) @ (K x N) in 11 of 12 cells over three runs on the earlier machines, by about 0.1 of
+# static's time (the threshold was 2^19); on the machine of 2026-11-29 torch.mm was faster in all four cells, by
+# 0.34-1.03 of static's time (benchmarks/mixing.py --part chunk-mix), and DY-ResNet-18's batch-32 inference and
+# training step were faster with it in two launches each (README, "Mixing by scaled adds").
+SCALED_ADDS_CHUNK_MIN_ELEMENTS = _NEVER
 
 
 def mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: Optional[Tensor] = None) -> Tensor:

@@ -7,8 +7,9 @@ with its bookkeeping) runs about twenty operations per layer and reads a dozen m
 ``nn.Module.__getattr__``. This one runs seven operations: the input's sum, two
 matrix-vector products with a ReLU between them (the attention's linear layers; the mean's 1/n and the
 temperature folded into the products' scalars), the softmax, one matrix-vector product that mixes the kernel
-straight into reused memory already viewed as the kernel (for large kernels a scaled copy and K - 1 scaled adds,
-which stream the experts faster), and the convolution; an eighth mixes the bias where there is one.
+straight into reused memory already viewed as the kernel (or, where ``dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS`` is
+set, for large kernels a scaled copy and K - 1 scaled adds, which stream the experts faster on some CPUs), and the
+convolution; an eighth mixes the bias where there is one.
 
 What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
 (:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members
@@ -64,8 +65,8 @@ class _Plan:
         flat = _chunked.flat_experts(experts, self.order)  # (K, kernel numel), a view in memory order
         self.experts_t = flat.t()
         numel = flat.shape[1]
-        # large kernels: a scaled copy and K - 1 scaled adds stream the experts faster than one product
-        # (dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS)
+        # large kernels, where enabled: a scaled copy and K - 1 scaled adds, which stream the experts faster than
+        # one product on some CPUs (dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS; off by default)
         self.rows: Optional[List[Tensor]] = None
         if base is not None and numel >= _chunked.SCALED_ADDS_MIN_ELEMENTS:
             self.rows = [flat[k] for k in range(flat.shape[0])]
