@@ -4,7 +4,8 @@
 
 1. ``mixing``: mixing one sample's kernel, (1 x K) @ (K x N), K = 4: ``torch.mm``, ``torch.mv`` (what the
    one-sample path uses) and a scaled copy with K - 1 scaled in-place adds (what the CPU paths use from
-   ``dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS``), medians of 300 calls (warm caches).
+   ``dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS``: from 2^18 elements until 2026-11-29, never since; README, "Mixing
+   by scaled adds"), medians of 300 calls (warm caches).
 2. ``attention``: the attention's linear layers for one sample: a one-row ``addmm`` against ``addmv`` (what the
    one-sample path does), and the whole attention of a layer.
 3. ``cold-ops``: small operations timed alone (warm) and right after a depthwise convolution of MobileNetV2's

@@ -36,10 +36,11 @@
    chunk in one.
 7. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
    against a scaled copy and K - 1 scaled adds per sample (``dyconv._chunked.scaled_adds``), alone for kernel
-   sizes N around the thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample) and ``SCALED_ADDS_CHUNK_MIN_ELEMENTS``
-   (several), with as many samples as one chunk (``FORWARD_CHUNK_ELEMENTS``) holds, up to 8; then inside 3×3
-   layers at batch 32 (the threshold patched for each side), where the experts are read right after a
-   convolution has used the caches.
+   sizes N around the former thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample, 2^18) and
+   ``SCALED_ADDS_CHUNK_MIN_ELEMENTS`` (several, 2^19; both "never" since 2026-11-29, README "Mixing by scaled
+   adds"), with as many samples as one chunk (``FORWARD_CHUNK_ELEMENTS``) holds, up to 8; then inside 3×3 layers
+   at batch 32 (the chunk threshold patched for each side: 2^62 for torch.mm, 2^19 for scaled adds), where the
+   experts are read right after a convolution has used the caches.
 
 Sides are interleaved (one call of each per round) and the medians are printed, in ms and as ratios to static.
 """
