@@ -50,6 +50,11 @@ from torch import Tensor, nn
 
 from .layers import DynamicConv2d
 
+try:
+    import resource  # page fault counts (Unix)
+except ImportError:
+    resource = None
+
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -189,9 +194,7 @@ def _timed(fn: Callable[[], object]) -> float:
 def page_faults() -> int:
     """Minor page faults of this process so far (every thread; 0 where the platform does not count them): each is
     the kernel mapping one fresh page (4 KiB, or 2 MiB for a transparent huge page) on its first touch."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
+    if resource is None:  # not a Unix
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
