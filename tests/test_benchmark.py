@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dyconv import DynamicConv2d
 from dyconv.benchmark import (COLUMNS, LayerShape, NaiveDynamicConv2d, build_network, naive_model,
-                              peak_training_memory, run_benchmark)
+                              _train, peak_training_memory, run_benchmark, training_memory_with_workspaces)
 from dyconv.cli import main
 from reference import TOL, per_sample_reference
 
@@ -39,6 +40,39 @@ def test_peak_memory_sees_cpu_allocations():
 
     assert peak_training_memory(step) >= 8 << 20
     assert peak_training_memory(lambda: None) < 1 << 20
+
+
+def test_peak_memory_does_not_subtract_memory_from_before_the_step():
+    # the profiler keeps the sizes of the blocks it saw in earlier sessions (such as the gradients of a profiled
+    # training step, freed by the next step's zero_grad): a free of one inside the measured step must not lower
+    # the step's own peak
+    held = []
+    with torch.profiler.profile(profile_memory=True):
+        held.append(torch.ones(1 << 21))  # 8 MiB, allocated while profiled
+
+    def step():
+        held.clear()  # frees the 8 MiB from before the step
+        a = torch.ones(1 << 20)
+        b = a * 2  # the step's own 8 MiB
+        del a, b
+
+    assert 8 << 20 <= peak_training_memory(step) < 9 << 20
+
+
+def test_identical_training_steps_read_identical_peaks():
+    # each step frees the gradients of the one before (zero_grad(set_to_none=True)) at addresses the profiler may
+    # have seen in an earlier reading: the reading must not depend on that
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DynamicConv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                DynamicConv2d(16, 16, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 10))
+    x, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = _train(model, x, lambda y: F.cross_entropy(y, labels), optimizer)
+    readings = [training_memory_with_workspaces(step) for _ in range(4)]
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert readings[0] >= grads  # the gradients the step allocates count
+    assert readings == [readings[0]] * 4
 
 
 def test_layer_rows_and_files(tmp_path):

@@ -13,10 +13,12 @@ shared machine hits all of them alike, and each figure is the median over the re
 dyconv side each run every figure in their faster memory format for it (contiguous or channels_last: every format
 of every side is timed in the same interleaved rounds and the faster median counts, the format is reported; one
 copy of the model per format, so nothing is converted between timed calls); the naive side runs contiguous, as
-written by its authors. Peak training memory is read from PyTorch's own allocator events (``torch.profiler`` with
-``profile_memory=True``, device CPU or CUDA alike): the running sum of every allocation and free during one
-training step, maximised; it counts the activations kept for backward, the temporaries and the gradients allocated
-by the step, not the parameters and optimizer state that exist before it. Layer rows train at half the listed
+written by its authors. Peak training memory on the CPU is read from PyTorch's own allocator events
+(``torch.profiler`` with ``profile_memory=True``): the bytes held by the blocks that one training step allocates,
+each from its allocation until its free, at their maximum (on CUDA the caching allocator's peak statistic); it
+counts the activations kept for backward, the temporaries and the gradients allocated by the step, not the
+parameters and optimizer state that exist before it (memory that existed before the step and is freed by it is not
+subtracted). Layer rows train at half the listed
 spatial size, where the layer sits in a network fed 112² images. The minor page faults of every timed call are
 counted too (medians per side and figure, printed after the table and written with the rows), and the variables
 that configure the allocator are recorded with the results: on a machine that maps fresh pages slowly they are a
@@ -158,12 +160,37 @@ def peak_training_memory(step: Callable[[], object], device: torch.device | str 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+    return _peak_of_allocations(prof.profiler.kineto_results.experimental_event_tree())
+
+
+def _peak_of_allocations(roots) -> int:
+    """Peak bytes held by the blocks allocated within a profiled region, from its allocation events.
+
+    A free counts only when it releases a block allocated in the region, matched by device and address, and by the
+    size recorded at that allocation. The profiler's own size of a freed block cannot be trusted for a block that
+    existed before: it keeps the sizes of blocks it saw in earlier profiling sessions and reports a free at a
+    reused address with the old block's size, so identical training steps read up to 40 % apart depending on
+    where the allocator had placed the gradients they free.
+    """
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(roots)
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            fields = event.extra_fields
+            events.append((event.start_time_ns, str(fields.device), fields.ptr, fields.alloc_size))
+    events.sort(key=lambda e: e[0])
+    held: dict[tuple[str, int], int] = {}
     live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
+    for _, device, ptr, size in events:
+        if size > 0:
+            held[(device, ptr)] = size
+            live += size
+            peak = max(peak, live)
+        else:
+            live -= held.pop((device, ptr), 0)
     return peak
 
 
