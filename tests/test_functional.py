@@ -126,6 +126,41 @@ def test_expert_gradient_written_once(strategy):
     assert layer.weight.grad.is_contiguous()
 
 
+@pytest.mark.parametrize("strategy", ["unfold_experts", "experts"])
+@pytest.mark.parametrize("rank", [2, 3])
+def test_channels_last_experts_are_not_copied(strategy, rank):
+    """With channels_last experts (``model.to(memory_format=torch.channels_last)``) the K-kernel strategies use
+    them as views (in 3-D set by hand): no copy of K kernels in the forward (it would be kept for backward), their gradient written
+    once, in the parameter's own layout; values and gradients against the reference and "loop"."""
+    fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
+    layer = LAYER[rank](8, 16, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64)
+    if rank == 2:
+        layer = layer.to(memory_format=fmt)  # converts the 5-D experts as (K * C_out, C_in, kh, kw)
+    else:  # Module.to leaves 6-D tensors alone: (K, C_out, *kernel, C_in) memory by hand
+        taps_last = [0, 1, 3, 4, 5, 2]
+        with torch.no_grad():
+            layer.weight.set_(layer.weight.permute(taps_last).contiguous().permute([0, 1, 5, 2, 3, 4]))
+    assert layer.weight.permute([0, 1] + list(range(3, rank + 3)) + [2]).is_contiguous()
+    x = torch.randn(4, 8, *[3] * rank, dtype=torch.float64)
+    expected = per_sample_reference(layer, x)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    recorder = _RecordOps()
+    with recorder:
+        out = run(layer, x, strategy)
+    assert [name for name, numel in recorder.written if numel == layer.weight.numel()] == []
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    recorder = _RecordOps()
+    with recorder:
+        out.square().sum().backward()
+    writes = [name for name, numel in recorder.written if numel == layer.weight.numel()]
+    if rank == 2 or strategy == "unfold_experts":
+        # (3-D "experts": the CPU's float64 conv3d writes its weight gradient contiguous, then autograd copies it)
+        assert len(writes) == 1, writes
+    assert layer.weight.grad.stride() == layer.weight.stride()
+    layer.zero_grad()
+    assert_gradients_match_loop(layer, x, run(layer, x, strategy))
+
+
 def test_attention_need_not_be_a_softmax():
     layer = DynamicConv2d(4, 6, 3, num_experts=2, dtype=torch.float64)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)

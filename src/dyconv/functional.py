@@ -285,8 +285,19 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
         # layout, where a product with the transposed view wrote it transposed and autograd then copied all
         # K kernels' worth of gradient back (`dyconv bench`, row 3x3 512->512 @7, training step: 4.29-5.48x
         # static before, 3.99-4.12x after)
-        w = weight.reshape(num_experts * per_group, -1)
-        y = F.linear(cols.reshape(batch * positions, -1), w.to(cols.dtype)).unsqueeze(0)  # (1, B * L, K * C_out)
+        cols = cols.reshape(batch * positions, -1)
+        taps_last = list(range(3, weight.dim())) + [2]
+        if weight.dim() > 3 and not weight.is_contiguous() and _chunked.memory_order(weight) == [1] + taps_last:
+            # channels_last experts, whose memory is (K, C_out, *kernel, C_in): the patches' columns reordered
+            # from (C_in, taps) to (taps, C_in) instead, so the experts stay a view. Reshaping them would copy
+            # all K kernels (kept for backward), and their gradient would come back contiguous and be copied
+            # once more into the parameter's layout (DY-ResNet-18's channels_last training step at 112², whose
+            # 3x3 layers at 4x4 take this strategy: 126 MB of such copies held at its peak memory)
+            w = weight.permute([0, 1] + taps_last).reshape(num_experts * per_group, -1)
+            cols = cols.reshape(batch * positions, in_channels, -1).transpose(1, 2).reshape(batch * positions, -1)
+        else:
+            w = weight.reshape(num_experts * per_group, -1)
+        y = F.linear(cols, w.to(cols.dtype)).unsqueeze(0)  # (1, B * L, K * C_out)
     else:
         # (g, C_in/g * taps, K * per_group): each group's K experts side by side
         w = weight.reshape(num_experts, groups, per_group, -1).permute(1, 3, 0, 2)
