@@ -129,9 +129,9 @@ def test_expert_gradient_written_once(strategy):
 @pytest.mark.parametrize("strategy", ["unfold_experts", "experts"])
 @pytest.mark.parametrize("rank", [2, 3])
 def test_channels_last_experts_are_not_copied(strategy, rank):
-    """With channels_last experts (``model.to(memory_format=torch.channels_last)``) the K-kernel strategies use
-    them as views (in 3-D set by hand): no copy of K kernels in the forward (it would be kept for backward), their gradient written
-    once, in the parameter's own layout; values and gradients against the reference and "loop"."""
+    """With channels_last experts (``model.to(memory_format=torch.channels_last)``; in 3-D set by hand) the K-kernel
+    strategies use them as views: no copy of K kernels in the forward (it would be kept for backward), their
+    gradient written once, in the parameter's own layout; values and gradients against the reference and "loop"."""
     fmt = torch.channels_last if rank == 2 else torch.channels_last_3d
     layer = LAYER[rank](8, 16, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64)
     if rank == 2:
