@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-image-size", type=int, default=112, help="network input size for training")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the run (default 2)")
     parser.add_argument("--device", default="cpu", help="device of the models and inputs (e.g. cuda; default cpu)")
+    parser.add_argument("--launches", type=int, default=1,
+                        help="runs of the whole benchmark, each in a fresh process, combined as medians (default 1)")
     parser.add_argument("--csv", default="dyconv-bench.csv", help="CSV output path ('' for none)")
     parser.add_argument("--json", default="dyconv-bench.json", help="JSON output path ('' for none)")
 
@@ -29,8 +31,14 @@ def run(args: argparse.Namespace) -> int:
     if args.layers is not None:
         layers = [s for s in LAYER_SHAPES if any(part in s.name for part in args.layers)]
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    run_benchmark(layers=layers, networks=args.networks, batch_size=args.batch_size, image_size=args.image_size,
-                  train_image_size=args.train_image_size, repeats=repeats, threads=args.threads,
-                  naive=not args.no_naive, csv_path=args.csv or None, json_path=args.json or None,
-                  device=args.device)
+    options = dict(layers=layers, networks=args.networks, batch_size=args.batch_size, image_size=args.image_size,
+                   train_image_size=args.train_image_size, repeats=repeats, threads=args.threads,
+                   naive=not args.no_naive, csv_path=args.csv or None, json_path=args.json or None,
+                   device=args.device)
+    if args.launches != 1:
+        from dyconv.benchmark_launches import run_launches
+
+        run_launches(args.launches, **options)
+    else:
+        run_benchmark(**options)
     return 0

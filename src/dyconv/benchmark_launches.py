@@ -1,0 +1,127 @@
+"""The benchmark run several times, each run in a fresh process, and the runs' figures combined.
+
+One run of :func:`dyconv.benchmark.run_benchmark` interleaves the sides, so a slow spell of the machine hits them
+alike; but a whole run keeps the state its process happens to reach (how the allocator has laid out its heap, which
+blocks it maps afresh and so how many page faults each call takes, README "Page faults"), and on a virtual machine
+that state moves every figure of the run together. Two runs one after the other have differed by more than most
+effects we measure (DY-MobileNetV2 at batch 1: 1.39x and 1.60x static; DY-ResNet-18: 1.23x and 1.51x). So
+:func:`run_launches` starts ``launches`` runs one after the other (never two at a time), each in its own Python
+process with the same options, and reports every cell as the median over the runs, with each ratio's range.
+
+Example:
+    >>> from dyconv.benchmark import LayerShape
+    >>> from dyconv.benchmark_launches import run_launches
+    >>> rows = run_launches(3, layers=[LayerShape("tiny", 4, 4, 3, 8)], networks=[], batch_size=2, repeats=1,
+    ...                     verbose=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from .benchmark import COLUMNS, LayerShape, format_table, write_results
+
+KEY = ("kind", "name", "implementation")
+FORMAT_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_format"))
+NUMBER_COLUMNS = tuple(c for c in COLUMNS if c not in KEY and c not in FORMAT_COLUMNS)
+RATIOS = ("b1_ratio", "batch_ratio", "train_ratio", "memory_ratio")
+
+_CHILD = """
+import json, sys
+from dyconv.benchmark import LayerShape, run_benchmark
+options = json.loads(sys.argv[1])
+options["layers"] = [LayerShape(**shape) for shape in options["layers"]]
+run_benchmark(**options)
+"""
+
+
+def combine_launches(launches: Sequence[Sequence[dict]]) -> list[dict]:
+    """One row per (kind, name, implementation), in the first run's order: every number the median over the runs
+    (a ratio's median, not the ratio of the medians), every memory format the one most runs chose (ties: the
+    earliest run's). Every run must hold the same rows."""
+    if not launches:
+        raise ValueError("combine_launches needs at least one run. Received: no runs")
+    keys = [tuple(row[k] for k in KEY) for row in launches[0]]
+    by_key = []
+    for i, rows in enumerate(launches):
+        indexed = {tuple(row[k] for k in KEY): row for row in rows}
+        if sorted(indexed) != sorted(keys) or len(indexed) != len(rows):
+            raise ValueError(f"run {i + 1} holds other rows than run 1. Received: {sorted(indexed)} against "
+                             f"{sorted(keys)}")
+        by_key.append(indexed)
+    combined = []
+    for key in keys:
+        rows = [indexed[key] for indexed in by_key]
+        row = dict(zip(KEY, key))
+        for column in NUMBER_COLUMNS:
+            row[column] = statistics.median(r[column] for r in rows)
+        for column in FORMAT_COLUMNS:
+            row[column] = Counter(r[column] for r in rows).most_common(1)[0][0]
+        combined.append({column: row[column] for column in COLUMNS})
+    return combined
+
+
+def format_spread(launches: Sequence[Sequence[dict]]) -> str:
+    """A Markdown table of each ratio's range over the runs (lowest–highest), rows in the first run's order."""
+    lines = ["| shape / network | impl. | batch 1 | batch | train step | train peak memory |",
+             "|---|---|---|---|---|---|"]
+    for row in launches[0]:
+        key = tuple(row[k] for k in KEY)
+        same = [r for rows in launches for r in rows if tuple(r[k] for k in KEY) == key]
+        cells = [f"{min(r[c] for r in same):.2f}–{max(r[c] for r in same):.2f}×" for c in RATIOS]
+        lines.append(f"| {row['name']} | {row['implementation']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_launches(launches: int, *, layers: Sequence[LayerShape] | None = None, networks: Sequence[str] | None = None,
+                 batch_size: int = 32, image_size: int = 224, train_image_size: int = 112, repeats: int = 5,
+                 threads: int | None = 2, naive: bool = True, verbose: bool = True, csv_path: str | None = None,
+                 json_path: str | None = None, device: str = "cpu") -> list[dict]:
+    """:func:`dyconv.benchmark.run_benchmark` with these options ``launches`` times, each run in a fresh process
+    (one at a time; each prints its own table when ``verbose``), combined by :func:`combine_launches`; prints the
+    combined table and the ranges when ``verbose`` and writes the combined rows to CSV/JSON (the JSON also holds
+    every run's rows, ``launch_rows``, and the first run's meta with ``launches``). Returns the combined rows."""
+    from .benchmark import LAYER_SHAPES, NETWORKS
+
+    if launches < 1:
+        raise ValueError(f"launches must be at least 1. Received: {launches}")
+    options = {"layers": [asdict(s) for s in (LAYER_SHAPES if layers is None else layers)],
+               "networks": list(NETWORKS if networks is None else networks), "batch_size": batch_size,
+               "image_size": image_size, "train_image_size": train_image_size, "repeats": repeats,
+               "threads": threads, "naive": naive, "verbose": verbose, "device": str(device), "csv_path": None}
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    runs, meta = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(launches):
+            if verbose:
+                print(f"run {i + 1} of {launches} (a fresh process)", flush=True)
+            path = os.path.join(tmp, f"run{i}.json")
+            subprocess.run([sys.executable, "-c", _CHILD, json.dumps(dict(options, json_path=path))], env=env,
+                           check=True)
+            with open(path) as f:
+                data = json.load(f)
+            runs.append(data["rows"])
+            meta = meta or data["meta"]
+    rows = combine_launches(runs)
+    if verbose:
+        print()
+        print(f"medians over {launches} runs, each in its own process:")
+        print(format_table(rows, batch_size))
+        print()
+        print(f"range of each ratio over the {launches} runs:")
+        print(format_spread(runs))
+    write_results(rows, csv_path, None, meta)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"meta": dict(meta, launches=launches), "rows": rows, "launch_rows": runs}, f, indent=1)
+    return rows
