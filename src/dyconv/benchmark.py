@@ -493,8 +493,10 @@ def format_page_faults(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: Sequence[dict], csv_path: str | None, json_path: str | None, meta: dict) -> None:
-    """Write ``rows`` to a CSV file and/or a JSON file (with ``meta``: threads, versions, options)."""
+def write_results(rows: Sequence[dict], csv_path: str | None, json_path: str | None, meta: dict,
+                  extra: dict | None = None) -> None:
+    """Write ``rows`` to a CSV file and/or a JSON file (with ``meta``: threads, versions, options; and the entries
+    of ``extra`` beside ``meta`` and ``rows``)."""
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -502,7 +504,7 @@ def write_results(rows: Sequence[dict], csv_path: str | None, json_path: str | N
             writer.writerows(rows)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"meta": meta, "rows": list(rows)}, f, indent=1)
+            json.dump({"meta": meta, "rows": list(rows), **(extra or {})}, f, indent=1)
 
 
 def run_benchmark(*, layers: Sequence[LayerShape] | None = None, networks: Sequence[str] | None = None,

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from .benchmark import COLUMNS, LayerShape, format_table, write_results
+from .benchmark import COLUMNS, format_table, write_results
 
 KEY = ("kind", "name", "implementation")
 FORMAT_COLUMNS = tuple(c for c in COLUMNS if c.endswith("_format"))
@@ -38,7 +38,8 @@ _CHILD = """
 import json, sys
 from dyconv.benchmark import LayerShape, run_benchmark
 options = json.loads(sys.argv[1])
-options["layers"] = [LayerShape(**shape) for shape in options["layers"]]
+if options.get("layers") is not None:
+    options["layers"] = [LayerShape(**shape) for shape in options["layers"]]
 run_benchmark(**options)
 """
 
@@ -81,22 +82,19 @@ def format_spread(launches: Sequence[Sequence[dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_launches(launches: int, *, layers: Sequence[LayerShape] | None = None, networks: Sequence[str] | None = None,
-                 batch_size: int = 32, image_size: int = 224, train_image_size: int = 112, repeats: int = 5,
-                 threads: int | None = 2, naive: bool = True, verbose: bool = True, csv_path: str | None = None,
-                 json_path: str | None = None, device: str = "cpu") -> list[dict]:
-    """:func:`dyconv.benchmark.run_benchmark` with these options ``launches`` times, each run in a fresh process
-    (one at a time; each prints its own table when ``verbose``), combined by :func:`combine_launches`; prints the
-    combined table and the ranges when ``verbose`` and writes the combined rows to CSV/JSON (the JSON also holds
-    every run's rows, ``launch_rows``, and the first run's meta with ``launches``). Returns the combined rows."""
-    from .benchmark import LAYER_SHAPES, NETWORKS
-
+def run_launches(launches: int, *, verbose: bool = True, csv_path: str | None = None,
+                 json_path: str | None = None, **options) -> list[dict]:
+    """:func:`dyconv.benchmark.run_benchmark` with the keyword arguments ``options`` (its own; ``layers`` as
+    :class:`dyconv.benchmark.LayerShape`) ``launches`` times, each run in a fresh process (one at a time; each
+    prints its own table when ``verbose``), combined by :func:`combine_launches`; prints the combined table and the
+    ranges when ``verbose`` and writes the combined rows to CSV/JSON (the JSON also holds every run's rows, ``launch_rows``, and
+    the first run's meta with ``launches``). Returns the combined rows."""
     if launches < 1:
         raise ValueError(f"launches must be at least 1. Received: {launches}")
-    options = {"layers": [asdict(s) for s in (LAYER_SHAPES if layers is None else layers)],
-               "networks": list(NETWORKS if networks is None else networks), "batch_size": batch_size,
-               "image_size": image_size, "train_image_size": train_image_size, "repeats": repeats,
-               "threads": threads, "naive": naive, "verbose": verbose, "device": str(device), "csv_path": None}
+    if options.get("layers") is not None:
+        options["layers"] = [asdict(s) for s in options["layers"]]
+    if "device" in options:
+        options["device"] = str(options["device"])
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -106,8 +104,8 @@ def run_launches(launches: int, *, layers: Sequence[LayerShape] | None = None, n
             if verbose:
                 print(f"run {i + 1} of {launches} (a fresh process)", flush=True)
             path = os.path.join(tmp, f"run{i}.json")
-            subprocess.run([sys.executable, "-c", _CHILD, json.dumps(dict(options, json_path=path))], env=env,
-                           check=True)
+            child = dict(options, verbose=verbose, csv_path=None, json_path=path)
+            subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child)], env=env, check=True)
             with open(path) as f:
                 data = json.load(f)
             runs.append(data["rows"])
@@ -116,12 +114,9 @@ def run_launches(launches: int, *, layers: Sequence[LayerShape] | None = None, n
     if verbose:
         print()
         print(f"medians over {launches} runs, each in its own process:")
-        print(format_table(rows, batch_size))
+        print(format_table(rows, meta["batch_size"]))
         print()
         print(f"range of each ratio over the {launches} runs:")
         print(format_spread(runs))
-    write_results(rows, csv_path, None, meta)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"meta": dict(meta, launches=launches), "rows": rows, "launch_rows": runs}, f, indent=1)
+    write_results(rows, csv_path, json_path, dict(meta, launches=launches), {"launch_rows": runs})
     return rows
