@@ -87,8 +87,8 @@ def run_launches(launches: int, *, verbose: bool = True, csv_path: str | None = 
     """:func:`dyconv.benchmark.run_benchmark` with the keyword arguments ``options`` (its own; ``layers`` as
     :class:`dyconv.benchmark.LayerShape`) ``launches`` times, each run in a fresh process (one at a time; each
     prints its own table when ``verbose``), combined by :func:`combine_launches`; prints the combined table and the
-    ranges when ``verbose`` and writes the combined rows to CSV/JSON (the JSON also holds every run's rows, ``launch_rows``, and
-    the first run's meta with ``launches``). Returns the combined rows."""
+    ranges when ``verbose`` and writes the combined rows to CSV/JSON (the JSON also holds every run's rows,
+    ``launch_rows``, and the first run's meta with ``launches``). Returns the combined rows."""
     if launches < 1:
         raise ValueError(f"launches must be at least 1. Received: {launches}")
     if options.get("layers") is not None:
