@@ -3,8 +3,9 @@
 One run of :func:`dyconv.benchmark.run_benchmark` interleaves the sides, so a slow spell of the machine hits them
 alike; but a whole run keeps the state its process happens to reach (how the allocator has laid out its heap, which
 blocks it maps afresh and so how many page faults each call takes, README "Page faults"), and on a virtual machine
-that state moves every figure of the run together. Two runs one after the other have differed by more than most
-effects we measure (DY-MobileNetV2 at batch 1: 1.39x and 1.60x static; DY-ResNet-18: 1.23x and 1.51x). So
+that state moves every figure of the run together. Runs one after the other have differed by more than most
+effects we measure (DY-ResNet-18 at batch 1: 1.23x and 1.51x static; DY-MobileNetV2 1.38x to 1.64x in three runs;
+README, "Runs in fresh processes"). So
 :func:`run_launches` starts ``launches`` runs one after the other (never two at a time), each in its own Python
 process with the same options, and reports every cell as the median over the runs, with each ratio's range.
 

@@ -292,7 +292,7 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
             # from (C_in, taps) to (taps, C_in) instead, so the experts stay a view. Reshaping them would copy
             # all K kernels (kept for backward), and their gradient would come back contiguous and be copied
             # once more into the parameter's layout (DY-ResNet-18's channels_last training step at 112², whose
-            # 3x3 layers at 4x4 take this strategy: 126 MB of such copies held at its peak memory)
+            # 3x3 layers at 4x4 take this strategy: peak 407 -> 365 MB, benchmarks/memory_readings.py)
             w = weight.permute([0, 1] + taps_last).reshape(num_experts * per_group, -1)
             cols = cols.reshape(batch * positions, in_channels, -1).transpose(1, 2).reshape(batch * positions, -1)
         else:
