@@ -1,6 +1,6 @@
 """What batch-1 inference costs, part by part: the measurements behind the README's "What bounds the rest".
 
-    PYTHONPATH=src python benchmarks/batch1_parts.py [--part mixing attention cold-ops networks network-ops]
+    PYTHONPATH=src python benchmarks/batch1_parts.py [--part mixing attention cold-ops networks network-ops layer-ops]
 
 1. ``mixing``: mixing one sample's kernel, (1 x K) @ (K x N), K = 4: ``torch.mm``, ``torch.mv`` (what the
    one-sample path uses) and a scaled copy with K - 1 scaled in-place adds (what the CPU paths use from
@@ -18,19 +18,24 @@
    convolution, no attention, no mixing: what the network costs around the layers), ``minimal ops`` (the seven
    operations of ``dyconv._one_sample`` with every tensor prepared beforehand and no checks: the least that
    eager PyTorch operators do per layer), against ``dyconv`` as shipped.
+6. ``layer-ops``: the same four sides for each of the bench's layer shapes alone (``dyconv bench``'s batch-1
+   layer rows), against ``nn.Conv2d``: interleaved medians of 60 settled calls, two rounds; then for a 3×3
+   8->8 layer at 4×4, where each side costs little more than its dispatch (the fixed costs per call).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
 from dyconv import DynamicConv2d, _chunked, layers
-from dyconv.benchmark import _infer, build_network, interleaved_medians
+from dyconv.benchmark import LAYER_SHAPES, LayerShape, _infer, build_network, interleaved_medians
 
 K = 4
 
@@ -131,6 +136,19 @@ def networks() -> None:
                       f"mm/mv/mul/add_ {mixes:.1f}")
 
 
+def _prepare(layer) -> None:
+    """Every tensor :func:`_minimal_ops` and :func:`_conv_only` use, made once (as ``layer._bench_prepared``)."""
+    w = layer.weight.detach()
+    order = _chunked.memory_order(w)
+    flat = _chunked.flat_experts(w, order)
+    out = torch.empty(flat.shape[1])
+    fc1, fc2 = layer.router.fc1, layer.router.fc2
+    layer._bench_prepared = (
+        [0, 2, 3], fc1.bias.detach(), fc1.weight.detach(), fc2.bias.detach(), fc2.weight.detach(),
+        1.0 / float(layer.temperature), flat.t(), out, _chunked.unflatten(out.view(1, -1), w, order)[0],
+        w[0].clone())
+
+
 def _conv_only(layer, x):
     return F.conv2d(x, layer._bench_prepared[-1], None, layer.stride, layer._conv_padding, layer.dilation,
                     layer.groups)
@@ -169,15 +187,7 @@ def network_ops() -> None:
             model.to(memory_format=torch.channels_last).eval()
         for layer in dynamic.modules():
             if isinstance(layer, layers._DynamicConvNd):
-                w = layer.weight.detach()
-                order = _chunked.memory_order(w)
-                flat = _chunked.flat_experts(w, order)
-                out = torch.empty(flat.shape[1])
-                fc1, fc2 = layer.router.fc1, layer.router.fc2
-                layer._bench_prepared = (
-                    [0, 2, 3], fc1.bias.detach(), fc1.weight.detach(), fc2.bias.detach(), fc2.weight.detach(),
-                    1.0 / float(layer.temperature), flat.t(), out, _chunked.unflatten(out.view(1, -1), w, order)[0],
-                    w[0].clone())
+                _prepare(layer)
         sides = {"static": _infer(static, x), "conv only": _infer(_Replaced(dynamic, _conv_only), x),
                  "minimal ops": _infer(_Replaced(dynamic, _minimal_ops), x), "dyconv": _infer(dynamic, x)}
         for _ in range(3):
@@ -186,8 +196,33 @@ def network_ops() -> None:
                   + ", ".join(f"{k} {t[k] / t['static']:.2f}x" for k in sides if k != "static"))
 
 
+def layer_ops() -> None:
+    print("batch 1, channels_last, the bench's layer shapes alone: ratio to static (interleaved medians of 60 "
+          "settled calls, two rounds)")
+    # the last shape is so small that every side costs only its dispatch: the fixed costs per call
+    for shape in LAYER_SHAPES + (LayerShape("3x3 8->8 @4", 8, 8, 3, 4),):
+        torch.manual_seed(0)
+        static = shape.conv().to(memory_format=torch.channels_last).eval()
+        dynamic = shape.conv(DynamicConv2d, num_experts=K).to(memory_format=torch.channels_last).eval()
+        x = torch.randn(1, shape.in_channels, shape.size, shape.size).contiguous(memory_format=torch.channels_last)
+        sides = {"static": _infer(static, x)}
+        for name, forward in (("conv only", _conv_only), ("minimal ops", _minimal_ops)):
+            # a copy of the layer whose own forward is replaced: called as a module, like the other two sides
+            replaced = copy.deepcopy(dynamic)
+            _prepare(replaced)
+            replaced.forward = types.MethodType(forward, replaced)
+            sides[name] = _infer(replaced, x)
+        sides["dyconv"] = _infer(dynamic, x)
+        rounds = []
+        for _ in range(2):
+            t = interleaved_medians(sides, repeats=60, warmup=3, settle=2)
+            rounds.append(f"static {1e6 * t['static']:.0f} us, "
+                          + ", ".join(f"{k} {t[k] / t['static']:.2f}x" for k in sides if k != "static"))
+        print(f"  {shape.name}: " + "; ".join(rounds))
+
+
 PARTS = {"mixing": mixing, "attention": attention, "cold-ops": cold_ops, "networks": networks,
-         "network-ops": network_ops}
+         "network-ops": network_ops, "layer-ops": layer_ops}
 
 
 def main() -> None:
