@@ -3,8 +3,6 @@ ops" the layer's batch-1 output (a floor measured on another computation would b
 first expert's static convolution."""
 
 import copy
-import importlib.util
-import pathlib
 import types
 
 import pytest
@@ -13,11 +11,9 @@ import torch.nn.functional as F
 
 from dyconv import DynamicConv2d
 from dyconv.benchmark import LayerShape
+import benchmark_scripts
 
-_spec = importlib.util.spec_from_file_location(
-    "batch1_parts", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "batch1_parts.py")
-batch1_parts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(batch1_parts)
+batch1_parts = benchmark_scripts.load("batch1_parts")
 
 SHAPES = [LayerShape("3x3", 4, 6, 3, 5), LayerShape("3x3 stride 2", 4, 6, 3, 6, stride=2),
           LayerShape("depthwise", 8, 8, 3, 5, groups=8), LayerShape("1x1", 4, 6, 1, 5)]

@@ -1,19 +1,14 @@
 """The forms that benchmarks/floors.py times as lower bounds compute what they stand for (a bound measured on a
 wrong computation would bound nothing)."""
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dyconv.benchmark import LayerShape
+import benchmark_scripts
 
-_spec = importlib.util.spec_from_file_location(
-    "floors", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "floors.py")
-floors = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(floors)
+floors = benchmark_scripts.load("floors")
 
 SHAPES = [LayerShape("3x3", 4, 6, 3, 5), LayerShape("3x3 stride 2", 4, 6, 3, 6, stride=2),
           LayerShape("depthwise", 4, 8, 3, 5, groups=4), LayerShape("1x1", 4, 6, 1, 5)]
