@@ -287,7 +287,7 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
         # static before, 3.99-4.12x after)
         cols = cols.reshape(batch * positions, -1)
         taps_last = list(range(3, weight.dim())) + [2]
-        if weight.dim() > 3 and not weight.is_contiguous() and _chunked.memory_order(weight) == [1] + taps_last:
+        if _chunked.memory_order(weight) == [1] + taps_last:
             # channels_last experts, whose memory is (K, C_out, *kernel, C_in): the patches' columns reordered
             # from (C_in, taps) to (taps, C_in) instead, so the experts stay a view. Reshaping them would copy
             # all K kernels (kept for backward), and their gradient would come back contiguous and be copied
