@@ -41,6 +41,8 @@ def assert_gradients_match_loop(layer, x, out):
 
 
 def applicable(strategy, layer):
+    if strategy == "depthwise_kernel":  # tested on its own grid (test_depthwise_kernel.py)
+        return layer.groups == layer.in_channels == layer.out_channels
     one_by_one = all(k == 1 for k in layer.kernel_size) and not any(layer._padding_pairs)
     return strategy != "matmul" or one_by_one
 
@@ -49,7 +51,7 @@ def strategy_case(strategy, rank, case, batch):
     """``(layer, x)`` in float64 for one cell of the strategy grid (skips where ``strategy`` does not apply)."""
     layer = LAYER[rank](4, 8, **case, num_experts=3, temperature=2.0, dtype=torch.float64)
     if not applicable(strategy, layer):
-        pytest.skip("matmul is for unpadded 1x1 kernels")
+        pytest.skip(f"{strategy} does not apply to this layer")
     return layer, torch.randn(batch, 4, *SPATIAL[rank], dtype=torch.float64)
 
 
@@ -83,7 +85,9 @@ def test_empty_batch_like_nn_conv(strategy, rank, case):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_gradients_agree(strategy):
-    layer = DynamicConv2d(4, 8, 1 if strategy == "matmul" else 3, num_experts=3, dtype=torch.float64)
+    out_channels, groups = (4, 4) if strategy == "depthwise_kernel" else (8, 1)
+    layer = DynamicConv2d(4, out_channels, 1 if strategy == "matmul" else 3, groups=groups, num_experts=3,
+                          dtype=torch.float64)
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64, requires_grad=True)
     ref_grads = torch.autograd.grad(run(layer, x, "loop").square().sum(), [x, layer.weight, layer.bias])
     grads = torch.autograd.grad(run(layer, x, strategy).square().sum(), [x, layer.weight, layer.bias])

@@ -562,13 +562,7 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         _, _, tile, positions, grouped = limits(x.device.type)
         out = chunked_forward(x, weight, bias, attention, stride, padding, dilation, groups, chunk, buf,
                               tile, positions, grouped, True)
-        if out._is_view():
-            # A Function's output that is a view (our reshape of the convolution's result) may not be
-            # modified in place (e.g. by an in-place activation); the same memory without view
-            # bookkeeping may, and costs no copy.
-            owner = torch.empty(0, dtype=out.dtype, device=out.device)
-            out = owner.set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())
-        return out
+        return unviewed(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -656,6 +650,16 @@ class _ChunkedDynamicConv(torch.autograd.Function):
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)
         return grad_x, grad_weight, grad_bias, grad_a, None, None, None, None, None
+
+
+def unviewed(out: Tensor) -> Tensor:
+    """``out`` without view bookkeeping, for a custom Function's output: one that is a view (e.g. a reshape of a
+    convolution's result) may not be modified in place (e.g. by an in-place activation); the same memory as a
+    plain tensor may, and costs no copy."""
+    if not out._is_view():
+        return out
+    owner = torch.empty(0, dtype=out.dtype, device=out.device)
+    return owner.set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())
 
 
 def _bmm_into(a: Tensor, b: Tensor, dest: Tensor) -> None:

@@ -34,8 +34,12 @@ Strategies (all give the same numbers up to floating-point rounding):
     product for unpadded stride-1 1×1 kernels). With gradients, a custom autograd function recomputes the
     mixed kernels in backward instead of keeping them, so training memory does not grow with
     ``batch × kernel size`` per layer (see :mod:`dyconv._chunked`). The default in eager mode.
+``"depthwise_kernel"``
+    Depthwise layers on the CPU with channels_last input (float32, float64): a compiled kernel that mixes each
+    sample's kernel and convolves in one pass, with its own backward (see :mod:`dyconv._depthwise`). The default
+    for such layers in eager mode where the kernel could be built.
 
-Only ``"chunked"`` bounds training memory; the other strategies leave backward to autograd, which keeps
+Only ``"chunked"`` and ``"depthwise_kernel"`` bound training memory; the other strategies leave backward to autograd, which keeps
 every sample's mixed kernel until backward.
 """
 
@@ -47,11 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _depthwise
+from ._depthwise import conv_depthwise_kernel
 from ._chunked import (conv_chunked, is_channels_last, kernel_is_one, output_positions, product,
                        tracing_exporting_or_compiling, uses_matmul)
 
-STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "scaled_inputs", "chunked")
+STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "scaled_inputs", "chunked",
+              "depthwise_kernel")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
 BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
 
@@ -353,7 +359,8 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1),
     ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
-    otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead: ``"experts"``
+    depthwise layers on the CPU with channels_last float32/float64 input, where the compiled kernel could be
+    built: ``"depthwise_kernel"``; otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead: ``"experts"``
     for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output positions, else
     ``"chunked"``.
     While tracing, exporting or compiling, only strategies without batch-size constants qualify.
@@ -362,6 +369,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     if not torch.jit.is_scripting():
         batch_generic = tracing_exporting_or_compiling()
     if not batch_generic:
+        if not torch.jit.is_scripting():
+            if groups > 1 and _depthwise.applies(x, weight, groups):
+                return "depthwise_kernel"
         num_experts = weight.shape[0]
         if stride is not None and dilation is not None and groups == 1 and num_experts > 1 and x.shape[0] > 1:
             # TorchScript reads no module globals (and keeps the CPU's rule); eager mode reads the constants
@@ -439,6 +449,10 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         return conv_scaled_inputs(x, weight, bias, attention, stride, conv_padding, dilation, groups)
     if strategy == "chunked":
         return conv_chunked(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+    if strategy == "depthwise_kernel":
+        if not torch.jit.is_scripting():
+            return conv_depthwise_kernel(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+        raise RuntimeError("strategy 'depthwise_kernel' runs in eager mode only (not in TorchScript)")
     raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts', 'unfold_experts', "
-                     "'scaled_inputs' or 'chunked'. "
+                     "'scaled_inputs', 'chunked' or 'depthwise_kernel'. "
                      "Received: strategy='" + strategy + "'")

@@ -1,0 +1,195 @@
+"""The ``"depthwise_kernel"`` strategy: dynamic depthwise convolution by a compiled CPU kernel.
+
+PyTorch has no depthwise convolution with a different kernel per sample. Its ways around that (the batch folded
+into the groups, or one convolution per sample) cost 1.8–4.9× a static depthwise convolution at batch 32 for
+MobileNetV2's layers, where the static one is cheap. ``csrc/depthwise.cpp`` mixes each sample's kernel from the K
+experts and convolves with it in one pass over channels-innermost (channels_last) memory, and has the matching
+backward (input gradient gathered per input row, per-sample kernel gradients summed per block of output rows).
+Nothing but the input, the experts, the attention and the per-sample kernels (``batch × taps × channels``: small
+for depthwise layers) is kept for backward.
+
+The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency, are needed;
+``-march=native``, so the build directory's name carries a digest of the CPU's flags) and cached by PyTorch in
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a compiler, or with the environment
+variable ``DYCONV_CPU_KERNEL=0``, :func:`available` is false (with one warning saying why), and the layers use
+their other strategies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from ._chunked import autocast_dtype, python_dispatch_active, unviewed
+
+SOURCE = Path(__file__).with_name("csrc") / "depthwise.cpp"
+ENV_SWITCH = "DYCONV_CPU_KERNEL"
+DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "loaded": False, "error": None}
+
+
+def _cpu_tag() -> str:
+    """A short digest of the CPU's model and flags (the build uses ``-march=native``)."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name", "Features")):
+                    text += line
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _build() -> None:
+    # cpp_extension logs a warning about CUDA on machines without it (on import); this build never uses CUDA
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level, path = logger.level, os.environ.get("PATH")
+    logger.setLevel(logging.ERROR)
+    if shutil.which("ninja") is None:
+        try:  # the PyPI package's binary (a dependency), which need not be on PATH when a venv is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (path or "")
+        except ImportError:
+            pass
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="dyconv_cpu_" + _cpu_tag(), sources=[str(SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    finally:
+        logger.setLevel(level)
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
+
+
+def available() -> bool:
+    """Whether the compiled kernel is loaded (building it on the first call; ``False`` if that fails, or when
+    ``DYCONV_CPU_KERNEL=0``)."""
+    if _state["tried"]:
+        return _state["loaded"]
+    with _lock:
+        if not _state["tried"]:
+            if os.environ.get(ENV_SWITCH, "1") == "0":
+                _state["error"] = ENV_SWITCH + "=0"
+            else:
+                try:
+                    _build()
+                    _state["loaded"] = True
+                except Exception as e:  # no compiler, no ninja, a failed build: fall back, say so once
+                    _state["error"] = f"{type(e).__name__}: {e}"
+                    warnings.warn("dyconv: the compiled depthwise CPU kernel is not available (" + _state["error"]
+                                  + "); depthwise layers use the PyTorch strategies instead", RuntimeWarning,
+                                  stacklevel=2)
+            _state["tried"] = True
+    return _state["loaded"]
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`available` is false (``None`` when it is true or was not asked yet)."""
+    return _state["error"]
+
+
+def channels_innermost(x: Tensor) -> bool:
+    """Whether ``x`` ``(B, C, *spatial)`` lies in memory as ``(B, *spatial, C)`` (channels_last)."""
+    return x.movedim(1, -1).is_contiguous()
+
+
+@torch.jit.unused
+def applies(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """Whether the kernel computes this call: a depthwise layer (one input and one output channel per group) on
+    the CPU, float32 or float64, channels-innermost input, no autocast and no Python dispatch mode. (Asks :func:`available`, which builds
+    the kernel on first use.)"""
+    if groups == 1 or x.shape[1] != groups or weight.shape[1] != groups or weight.shape[2] != 1:
+        return False
+    if x.device.type != "cpu" or x.dtype not in DTYPES or weight.dtype != x.dtype:
+        return False
+    if not channels_innermost(x) or autocast_dtype("cpu") is not None:
+        return False
+    if python_dispatch_active():
+        return False  # a dispatch mode (e.g. dyconv.profile's FLOP counter) would not see inside the kernel
+    return available()
+
+
+def _channels_innermost(t: Tensor) -> Tensor:
+    return t if channels_innermost(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+class _DepthwiseKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                padding: List[int], dilation: List[int]) -> Tensor:
+        out, mixed = torch.ops.dyconv_cpu.depthwise_forward(x, weight, attention, bias, stride, padding, dilation)
+        ctx.conv_args = (list(weight.shape[3:]), stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention, mixed)
+        return unviewed(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, weight, bias, attention, mixed = ctx.saved_tensors
+        kernel, stride, padding, dilation = ctx.conv_args
+        need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
+        gy = _channels_innermost(grad_out.to(x.dtype))
+        grad_x, grad_mixed = torch.ops.dyconv_cpu.depthwise_backward(gy, x, mixed, kernel, stride, padding,
+                                                                     dilation, need_x, need_w or need_a)
+        num_experts, channels = weight.shape[0], weight.shape[1]
+        a = attention.to(x.dtype)
+        grad_weight = grad_bias = grad_a = None
+        if need_w or need_a:
+            g = grad_mixed.reshape(grad_mixed.shape[0], -1)  # (B, taps * C)
+            if need_w:
+                # d/dW_k = sum_b a[b,k] dW_b, from (K, taps, C) to the experts' (K, C, 1, *kernel)
+                grad_weight = torch.mm(a.t(), g).reshape(num_experts, -1, channels).transpose(1, 2)
+                grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+            if need_a:
+                # d/da[b,k] = <dW_b, W_k>
+                experts = weight.to(x.dtype).reshape(num_experts, channels, -1).transpose(1, 2)
+                grad_a = torch.mm(g, experts.reshape(num_experts, -1).t())
+        if ctx.has_bias and (need_b or need_a):
+            g_bias = gy.sum(list(range(2, gy.dim())))
+            if need_b:
+                grad_bias = torch.mm(a.t(), g_bias).to(bias.dtype)
+            if need_a:
+                extra = torch.mm(g_bias, bias.to(x.dtype).t())
+                grad_a = extra if grad_a is None else grad_a + extra
+        if grad_a is not None:
+            grad_a = grad_a.to(attention.dtype)
+        return grad_x, grad_weight, grad_bias, grad_a, None, None, None
+
+
+@torch.jit.unused
+def conv_depthwise_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                          padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """The ``"depthwise_kernel"`` strategy: ``x`` channels-innermost on the CPU (otherwise copied to it), a
+    depthwise layer (``groups`` = input = output channels). The output is channels-innermost too."""
+    if groups != x.shape[1] or weight.shape[1] != groups or weight.shape[2] != 1:
+        raise ValueError("strategy 'depthwise_kernel' needs a depthwise layer (groups = input channels = output "
+                         f"channels): got groups={groups}, input channels {x.shape[1]}, weight {tuple(weight.shape)}")
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
+        raise ValueError("strategy 'depthwise_kernel' runs on the CPU in float32 or float64: got "
+                         f"device={x.device.type}, dtype={x.dtype}")
+    if not available():
+        raise RuntimeError("strategy 'depthwise_kernel': the compiled CPU kernel is not available ("
+                           f"{unavailable_reason()})")
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else None
+    return _DepthwiseKernel.apply(_channels_innermost(x), weight, bias, attention, list(stride), list(padding),
+                                  list(dilation))

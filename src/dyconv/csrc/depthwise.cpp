@@ -1,0 +1,345 @@
+// Dynamic depthwise convolution on the CPU, channels innermost: one pass per sample that mixes the sample's
+// kernel from the K experts and convolves with it, and the matching backward.
+//
+// Tensors are read through raw pointers in the "channels innermost" memory order that channels_last (2-D),
+// channels_last_3d (3-D) and a (B, L, C) buffer seen as (B, C, L) (1-D) share: element (b, c, d, h, w) of an
+// input of spatial size (D, H, W) sits at ((b * D + d) * H + h) * W + w) * C + c. Every rank is handled as
+// 3-D, with size-1 dimensions filled in by the Python side (dyconv/_depthwise.py), so one kernel serves
+// Conv1d, Conv2d and Conv3d. The loops over channels are the innermost ones and vectorise.
+//
+// Registered as torch.ops.dyconv_cpu.depthwise_forward / depthwise_backward.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t batch, channels;
+  int64_t in[3], out[3], kernel[3], stride[3], padding[3], dilation[3];
+  int64_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
+  int64_t in_row() const { return in[2] * channels; }  // elements of one input row (w, c)
+  int64_t out_rows() const { return batch * out[0] * out[1]; }
+  int64_t in_rows() const { return batch * in[0] * in[1]; }
+};
+
+std::vector<int64_t> three(const std::vector<int64_t>& v, int64_t fill) {
+  std::vector<int64_t> r(3 - v.size(), fill);
+  r.insert(r.end(), v.begin(), v.end());
+  return r;
+}
+
+Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation) {
+  const int64_t rank = x.dim() - 2;
+  TORCH_CHECK(rank >= 1 && rank <= 3, "dyconv depthwise kernel: input must have 1 to 3 spatial dims, got ", rank);
+  TORCH_CHECK(static_cast<int64_t>(kernel.size()) == rank && static_cast<int64_t>(stride.size()) == rank &&
+                  static_cast<int64_t>(padding.size()) == rank && static_cast<int64_t>(dilation.size()) == rank,
+              "dyconv depthwise kernel: kernel, stride, padding and dilation need one value per spatial dim");
+  Geometry g;
+  g.batch = x.size(0);
+  g.channels = x.size(1);
+  auto in = three(std::vector<int64_t>(x.sizes().begin() + 2, x.sizes().end()), 1);
+  auto k = three(kernel.vec(), 1), s = three(stride.vec(), 1), p = three(padding.vec(), 0),
+       d = three(dilation.vec(), 1);
+  for (int i = 0; i < 3; ++i) {
+    g.in[i] = in[i];
+    g.kernel[i] = k[i];
+    g.stride[i] = s[i];
+    g.padding[i] = p[i];
+    g.dilation[i] = d[i];
+    g.out[i] = (in[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) / s[i] + 1;
+    TORCH_CHECK(g.out[i] > 0, "dyconv depthwise kernel: the output would be empty (input ", in[i], ", kernel ",
+                k[i], ", padding ", p[i], ", dilation ", d[i], ")");
+  }
+  return g;
+}
+
+// Channels-innermost strides of a (B, C, *spatial) tensor.
+bool channels_innermost(const at::Tensor& t) {
+  int64_t expected = 1;
+  if (t.stride(1) != 1 && t.size(1) != 1) return false;
+  expected = t.size(1);
+  for (int64_t dim = t.dim() - 1; dim >= 2; --dim) {
+    if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
+    expected *= t.size(dim);
+  }
+  return t.size(0) == 1 || t.stride(0) == expected;
+}
+
+at::Tensor empty_channels_innermost(const at::Tensor& like, at::IntArrayRef sizes) {
+  // (B, *spatial, C) memory seen as (B, C, *spatial)
+  std::vector<int64_t> moved{sizes[0]};
+  moved.insert(moved.end(), sizes.begin() + 2, sizes.end());
+  moved.push_back(sizes[1]);
+  auto t = at::empty(moved, like.options());
+  return t.movedim(-1, 1);
+}
+
+// mixed[b][t][c] = sum_k attention[b][k] * experts[k][c][t]; mixed_bias[b][c] = sum_k attention[b][k] * bias[k][c]
+template <typename T>
+void mix(const T* attention, const T* experts, const T* bias, T* mixed, T* mixed_bias, int64_t batch, int64_t K,
+         int64_t channels, int64_t taps) {
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(channels);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* a = attention + b * K;
+      T* m = mixed + b * taps * channels;
+      for (int64_t t = 0; t < taps; ++t) {
+        T* row = m + t * channels;
+        for (int64_t c = 0; c < channels; ++c) row[c] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const T* e = experts + k * channels * taps + t;
+          const T ak = a[k];
+          for (int64_t c = 0; c < channels; ++c) row[c] += ak * e[c * taps];
+        }
+      }
+      if (bias != nullptr) {
+        T* mb = mixed_bias + b * channels;
+        for (int64_t c = 0; c < channels; ++c) mb[c] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const T* bk = bias + k * channels;
+          const T ak = a[k];
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) mb[c] += ak * bk[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward_rows(const Geometry& g, const T* x, const T* mixed, const T* mixed_bias, T* y) {
+  const int64_t C = g.channels, taps = g.taps();
+  at::parallel_for(0, g.out_rows(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (g.out[0] * g.out[1]);
+      const int64_t od = (r / g.out[1]) % g.out[0], oh = r % g.out[1];
+      const T* w = mixed + b * taps * C;
+      T* yrow = y + r * g.out[2] * C;
+      for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+        T* yp = yrow + ow * C;
+        if (mixed_bias != nullptr) {
+          const T* mb = mixed_bias + b * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) yp[c] = mb[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) yp[c] = 0;
+        }
+        for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+          const int64_t id = od * g.stride[0] - g.padding[0] + kd * g.dilation[0];
+          if (id < 0 || id >= g.in[0]) continue;
+          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+            const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+            if (ih < 0 || ih >= g.in[1]) continue;
+            const T* xrow = x + ((b * g.in[0] + id) * g.in[1] + ih) * g.in_row();
+            for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+              const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+              if (iw < 0 || iw >= g.in[2]) continue;
+              const T* xp = xrow + iw * C;
+              const T* wp = w + ((kd * g.kernel[1] + kh) * g.kernel[2] + kw) * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) yp[c] += wp[c] * xp[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_x[b, i] = sum over taps t and output positions o with o * stride - padding + t * dilation = i of
+// mixed[b][t] * grad_y[b, o]: gathered per input row, so that no two threads write the same element.
+template <typename T>
+void grad_input_rows(const Geometry& g, const T* gy, const T* mixed, T* gx) {
+  const int64_t C = g.channels, taps = g.taps();
+  at::parallel_for(0, g.in_rows(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (g.in[0] * g.in[1]);
+      const int64_t id = (r / g.in[1]) % g.in[0], ih = r % g.in[1];
+      const T* w = mixed + b * taps * C;
+      T* gxrow = gx + r * g.in_row();
+      for (int64_t iw = 0; iw < g.in[2]; ++iw) {
+        T* gp = gxrow + iw * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gp[c] = 0;
+        for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+          const int64_t nd = id + g.padding[0] - kd * g.dilation[0];
+          if (nd < 0 || nd % g.stride[0] != 0) continue;
+          const int64_t od = nd / g.stride[0];
+          if (od >= g.out[0]) continue;
+          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+            const int64_t nh = ih + g.padding[1] - kh * g.dilation[1];
+            if (nh < 0 || nh % g.stride[1] != 0) continue;
+            const int64_t oh = nh / g.stride[1];
+            if (oh >= g.out[1]) continue;
+            const T* gyrow = gy + ((b * g.out[0] + od) * g.out[1] + oh) * g.out[2] * C;
+            for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+              const int64_t nw = iw + g.padding[2] - kw * g.dilation[2];
+              if (nw < 0 || nw % g.stride[2] != 0) continue;
+              const int64_t ow = nw / g.stride[2];
+              if (ow >= g.out[2]) continue;
+              const T* gyp = gyrow + ow * C;
+              const T* wp = w + ((kd * g.kernel[1] + kh) * g.kernel[2] + kw) * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) gp[c] += wp[c] * gyp[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_mixed[b][t][c] = sum over output positions o of grad_y[b, o, c] * x[b, o * stride - padding + t * dilation, c].
+// Each sample's output rows are cut into blocks (enough blocks in all for every thread); each block sums into
+// its own partial buffer, and the partials of a sample are added in a fixed order (deterministic results).
+template <typename T>
+void grad_mixed_rows(const Geometry& g, const T* gy, const T* x, T* gw) {
+  const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1];
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, (2 * threads + g.batch - 1) / g.batch));
+  const int64_t rows_per_block = (rows + blocks - 1) / blocks;
+  std::vector<T> partial(static_cast<size_t>(g.batch * blocks * taps * C));
+  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, block = task % blocks;
+      T* acc = partial.data() + task * taps * C;
+      std::fill(acc, acc + taps * C, T(0));
+      const int64_t r1 = std::min(rows, (block + 1) * rows_per_block);
+      for (int64_t r = block * rows_per_block; r < r1; ++r) {
+        const int64_t od = r / g.out[1], oh = r % g.out[1];
+        const T* gyrow = gy + (b * rows + r) * g.out[2] * C;
+        for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+          const int64_t id = od * g.stride[0] - g.padding[0] + kd * g.dilation[0];
+          if (id < 0 || id >= g.in[0]) continue;
+          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+            const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+            if (ih < 0 || ih >= g.in[1]) continue;
+            const T* xrow = x + ((b * g.in[0] + id) * g.in[1] + ih) * g.in_row();
+            for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+              T* ap = acc + ((kd * g.kernel[1] + kh) * g.kernel[2] + kw) * C;
+              for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+                const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+                if (iw < 0 || iw >= g.in[2]) continue;
+                const T* xp = xrow + iw * C;
+                const T* gyp = gyrow + ow * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) ap[c] += gyp[c] * xp[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      T* out = gw + b * taps * C;
+      const T* first = partial.data() + b * blocks * taps * C;
+      std::copy(first, first + taps * C, out);
+      for (int64_t block = 1; block < blocks; ++block) {
+        const T* p = first + block * taps * C;
+#pragma omp simd
+        for (int64_t i = 0; i < taps * C; ++i) out[i] += p[i];
+      }
+    }
+  });
+}
+
+void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "dyconv depthwise kernel: ", name, " must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "dyconv depthwise kernel: ", name, " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(channels_innermost(x), "dyconv depthwise kernel: ", name,
+              " must have its channels innermost in memory (channels_last), got strides ", x.strides());
+}
+
+// x (B, C, *spatial) channels innermost; experts (K, C, 1, *kernel); attention (B, K); bias (K, C) or none.
+// Returns (y, mixed): y (B, C, *out) channels innermost, mixed (B, taps, C) the per-sample kernels.
+std::tuple<at::Tensor, at::Tensor> depthwise_forward(const at::Tensor& x, const at::Tensor& experts,
+                                                     const at::Tensor& attention,
+                                                     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_input(x, "input");
+  TORCH_CHECK(experts.dim() == x.dim() + 1 && experts.size(1) == x.size(1) && experts.size(2) == 1,
+              "dyconv depthwise kernel: experts must be (K, C, 1, *kernel) with C = ", x.size(1), ", got ",
+              experts.sizes());
+  const int64_t K = experts.size(0);
+  TORCH_CHECK(attention.dim() == 2 && attention.size(0) == x.size(0) && attention.size(1) == K,
+              "dyconv depthwise kernel: attention must be (", x.size(0), ", ", K, "), got ", attention.sizes());
+  auto g = geometry(x, experts.sizes().slice(3), stride, padding, dilation);
+  const int64_t C = g.channels, taps = g.taps();
+  auto e = experts.to(x.scalar_type()).contiguous();
+  auto a = attention.to(x.scalar_type()).contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == K && bias->size(1) == C,
+                "dyconv depthwise kernel: bias must be (", K, ", ", C, "), got ", bias->sizes());
+    b = bias->to(x.scalar_type()).contiguous();
+  }
+  auto mixed = at::empty({g.batch, taps, C}, x.options());
+  auto mixed_bias = b.defined() ? at::empty({g.batch, C}, x.options()) : at::Tensor();
+  std::vector<int64_t> out_sizes{g.batch, C};
+  for (int64_t i = 3 - (x.dim() - 2); i < 3; ++i) out_sizes.push_back(g.out[i]);
+  auto y = empty_channels_innermost(x, out_sizes);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_depthwise_forward", [&] {
+    mix<scalar_t>(a.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                  mixed.data_ptr<scalar_t>(), b.defined() ? mixed_bias.data_ptr<scalar_t>() : nullptr, g.batch, K,
+                  C, taps);
+    forward_rows<scalar_t>(g, x.data_ptr<scalar_t>(), mixed.data_ptr<scalar_t>(),
+                           b.defined() ? mixed_bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+  });
+  return std::make_tuple(y, mixed);
+}
+
+// grad_y and x channels innermost, mixed (B, taps, C) from the forward; kernel sizes given.
+// Returns (grad_x or an empty tensor, grad_mixed (B, taps, C) or an empty tensor).
+std::tuple<at::Tensor, at::Tensor> depthwise_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                      const at::Tensor& mixed, at::IntArrayRef kernel,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, bool need_input, bool need_mixed) {
+  check_input(x, "input");
+  check_input(grad_y, "grad_output");
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && mixed.scalar_type() == x.scalar_type(),
+              "dyconv depthwise kernel: grad_output, input and mixed kernels must share a dtype");
+  auto g = geometry(x, kernel, stride, padding, dilation);
+  TORCH_CHECK(mixed.is_contiguous() && mixed.dim() == 3 && mixed.size(0) == g.batch && mixed.size(1) == g.taps() &&
+                  mixed.size(2) == g.channels,
+              "dyconv depthwise kernel: mixed kernels must be contiguous (", g.batch, ", ", g.taps(), ", ",
+              g.channels, "), got ", mixed.sizes());
+  for (int i = 0; i < grad_y.dim() - 2; ++i) {
+    TORCH_CHECK(grad_y.size(i + 2) == g.out[3 - (grad_y.dim() - 2) + i],
+                "dyconv depthwise kernel: grad_output has the wrong spatial size ", grad_y.sizes());
+  }
+  at::Tensor gx, gw;
+  if (need_input) gx = empty_channels_innermost(x, x.sizes());
+  if (need_mixed) gw = at::empty({g.batch, g.taps(), g.channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_depthwise_backward", [&] {
+    if (need_input)
+      grad_input_rows<scalar_t>(g, grad_y.data_ptr<scalar_t>(), mixed.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
+    if (need_mixed)
+      grad_mixed_rows<scalar_t>(g, grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>());
+  });
+  return std::make_tuple(gx, gw);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dyconv_cpu, m) {
+  m.def("depthwise_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] stride, int[] padding, "
+        "int[] dilation) -> (Tensor, Tensor)");
+  m.def("depthwise_backward(Tensor grad_y, Tensor x, Tensor mixed, int[] kernel, int[] stride, int[] padding, "
+        "int[] dilation, bool need_input, bool need_mixed) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
+  m.impl("depthwise_forward", depthwise_forward);
+  m.impl("depthwise_backward", depthwise_backward);
+}

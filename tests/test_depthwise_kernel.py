@@ -1,0 +1,163 @@
+"""The compiled depthwise CPU kernel (strategy ``"depthwise_kernel"``, ``dyconv._depthwise``) against the per-sample
+``nn.ConvNd`` reference in float64, forward and every gradient, over a grid of depthwise layers in 1-D, 2-D and
+3-D; when the layers pick it; its errors; and the fallback without it."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d, _depthwise
+from dyconv.functional import select_strategy
+from reference import TOL, per_sample_reference
+from test_functional import assert_gradients_match_loop, run
+
+LAYER = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
+SPATIAL = {1: (13,), 2: (9, 10), 3: (5, 6, 7)}
+CASES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, dilation=2, padding=2),
+    dict(kernel_size=5, stride=3, bias=False),
+    dict(kernel_size=2, padding="same", padding_mode="reflect"),  # asymmetric: padded before the kernel
+    dict(kernel_size=3, padding=1, padding_mode="circular"),
+    dict(kernel_size=1, stride=2),
+]
+CHANNELS = 6
+
+needs_kernel = pytest.mark.skipif(
+    sys.platform != "linux" or shutil.which("c++") is None,
+    reason="the kernel is built with a C++ compiler on Linux (elsewhere the layers use the PyTorch strategies)")
+
+
+def channels_innermost(x):
+    """``x`` with the same values, its memory ``(B, *spatial, C)``."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def layer_and_input(rank, case, batch, layout):
+    layer = LAYER[rank](CHANNELS, CHANNELS, groups=CHANNELS, **case, num_experts=3, temperature=2.0,
+                        dtype=torch.float64)
+    x = torch.randn(batch, CHANNELS, *SPATIAL[rank], dtype=torch.float64)
+    if layout == "channels_last":
+        x = channels_innermost(x)
+    return layer, x
+
+
+@needs_kernel
+def test_kernel_builds_here():
+    """On Linux with a C++ compiler (this machine and CI) the kernel must build: a failed build would only warn
+    and fall back, and every test below would silently test the fallback."""
+    assert _depthwise.available(), _depthwise.unavailable_reason()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference(rank, case, batch, layout):
+    layer, x = layer_and_input(rank, case, batch, layout)
+    x.requires_grad_()
+    out = run(layer, x, "depthwise_kernel")
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    assert out.movedim(1, -1).is_contiguous()  # the output keeps the channels innermost
+    assert_gradients_match_loop(layer, x, out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_float32_against_float64_reference(rank):
+    layer, x = layer_and_input(rank, CASES[1], 4, "channels_last")
+    expected = per_sample_reference(layer, x)
+    layer, x = layer.float(), x.float()
+    torch.testing.assert_close(run(layer, x, "depthwise_kernel"), expected.float(), **TOL[torch.float32])
+
+
+@needs_kernel
+def test_gradients_for_a_subset_of_inputs():
+    """Backward asked only for some inputs (frozen experts, an input without gradient) gives those, equal to the
+    reference's."""
+    layer, x = layer_and_input(2, CASES[0], 3, "channels_last")
+    layer.weight.requires_grad_(False)
+    out = run(layer, x, "depthwise_kernel")
+    ref = run(layer, x, "loop")
+    params = [layer.bias, *layer.router.parameters()]
+    for g, r in zip(torch.autograd.grad(out.sin().sum(), params), torch.autograd.grad(ref.sin().sum(), params)):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@needs_kernel
+def test_output_may_be_modified_in_place():
+    """An in-place activation after the layer (torchvision's ReLU6(inplace=True)) must work: the Function's
+    output is a plain tensor, not a view."""
+    layer, x = layer_and_input(2, CASES[0], 2, "channels_last")
+    x.requires_grad_()
+    out = run(layer, x, "depthwise_kernel")
+    torch.nn.functional.relu6(out, inplace=True).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_layers_pick_it_for_channels_last_depthwise_input(rank):
+    layer, x = layer_and_input(rank, CASES[0], 4, "channels_last")
+    padding = [1] * rank
+    assert select_strategy(x, layer.weight, padding, CHANNELS, layer.stride, layer.dilation) == "depthwise_kernel"
+    assert select_strategy(x.contiguous(), layer.weight, padding, CHANNELS, layer.stride, layer.dilation) == "chunked"
+    # not for grouped layers that are not depthwise, nor float16, nor under autocast, nor on meta tensors
+    w2 = torch.zeros(3, CHANNELS, 2, *layer.kernel_size, dtype=torch.float64)
+    assert select_strategy(x, w2, padding, CHANNELS // 2, layer.stride, layer.dilation) == "chunked"
+    assert select_strategy(x.half(), layer.weight.half(), padding, CHANNELS, layer.stride,
+                           layer.dilation) == "chunked"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert select_strategy(x, layer.weight, padding, CHANNELS, layer.stride, layer.dilation) == "chunked"
+    assert select_strategy(x.to("meta"), layer.weight.to("meta"), padding, CHANNELS, layer.stride,
+                           layer.dilation) == "chunked"
+    # and through the layer: the reference's values and gradients
+    x.requires_grad_()
+    out = layer(x)
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    assert_gradients_match_loop(layer, x, out)
+
+
+def test_errors_name_the_bad_value():
+    layer = DynamicConv2d(4, 8, 3, groups=4, num_experts=3)
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="depthwise layer.*groups=4, input channels 4, weight \\(3, 8, 1, 3, 3\\)"):
+        run(layer, x, "depthwise_kernel")
+    layer = DynamicConv2d(4, 4, 3, groups=4, num_experts=3).half()
+    with pytest.raises(ValueError, match="float32 or float64.*dtype=torch.float16"):
+        run(layer, x.half(), "depthwise_kernel")
+
+
+def test_falls_back_without_the_kernel(tmp_path):
+    """With DYCONV_CPU_KERNEL=0 (as where no compiler is found) the kernel is unavailable, the layers use the
+    chunked strategy and give the reference's values; asking for the strategy by name is a clear error."""
+    script = tmp_path / "fallback.py"
+    script.write_text(
+        "import torch\n"
+        "from dyconv import DynamicConv2d, _depthwise\n"
+        "from dyconv.functional import dynamic_conv, select_strategy\n"
+        "from reference import per_sample_reference\n"
+        "layer = DynamicConv2d(6, 6, 3, padding=1, groups=6, dtype=torch.float64)\n"
+        "x = torch.randn(3, 6, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)\n"
+        "assert not _depthwise.available() and _depthwise.unavailable_reason() == 'DYCONV_CPU_KERNEL=0'\n"
+        "assert select_strategy(x, layer.weight, [1, 1], 6, [1, 1], [1, 1]) == 'chunked'\n"
+        "torch.testing.assert_close(layer(x), per_sample_reference(layer, x), rtol=1e-10, atol=1e-10)\n"
+        "try:\n"
+        "    dynamic_conv(x, layer.weight, None, torch.full((3, 4), 0.25, dtype=torch.float64), [1, 1],\n"
+        "                 [1, 1, 1, 1], [1, 1], 6, strategy='depthwise_kernel')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not available (DYCONV_CPU_KERNEL=0)' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('ok')\n")
+    tests = Path(__file__).parent
+    env = dict(os.environ, DYCONV_CPU_KERNEL="0",
+               PYTHONPATH=os.pathsep.join([str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
