@@ -21,14 +21,16 @@
    the chunked strategy folded and per sample in both, and the attention alone (its pooling pass reads the whole
    input, as the convolution does), each side a module of its own format. For channels_last input the folded
    convolution runs in channels_last (``dyconv._chunked._folded_channels_last``); "folded CL via C" is the plain
-   fold instead (the chunk copied to the contiguous format, a contiguous output). Every call gets a fresh copy
+   fold instead (the chunk copied to the contiguous format, a contiguous output); "kernel CL" the compiled kernel
+   (``"depthwise_kernel"``, what the layers take for such input since 2026-11-29; the other dynamic sides have it
+   switched off, here and in parts 3, 5 and 6). Every call gets a fresh copy
    of the input (its cost is "input copy", included in every side's time), as inside a network, where a
    layer's input has just been written.
 5. *The same layers in the training step* (``--part depthwise-train``, batch 32, forward and backward with a fixed
    output gradient, at the sizes of the bench's 112² training step): folded, per sample, and for channels_last
    input also "folded CL, backward via C" (the forward's channels_last fold with the plain fold's backward, which
    copies the chunk and its output gradient to the contiguous format and the input gradient back); "default" is
-   what the strategy picks.
+   what the layer picks (for channels_last input the compiled kernel).
 6. *Folded pieces* (``--part fold-chunks``, batch 32, channels_last): the depthwise layers that the chunked
    strategy folds (under 512 output positions) at the bench's inference and training sizes, with the chunk
    convolved in pieces of at most ``dyconv._chunked.FOLD_CHUNK_ELEMENTS`` input + output elements (each piece
@@ -54,10 +56,23 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dyconv import DynamicConv2d, _chunked
+from dyconv import DynamicConv2d, _chunked, _depthwise
 from dyconv.functional import dynamic_conv
 
 K = 4
+
+
+def without_kernel(fn):
+    """``fn`` run with the compiled depthwise kernel switched off (``"depthwise_kernel"`` not chosen), so that a
+    side measures the chunked strategy it names even for channels_last depthwise layers."""
+    def run():
+        applies = _depthwise.applies
+        _depthwise.applies = lambda *args: False
+        try:
+            return fn()
+        finally:
+            _depthwise.applies = applies
+    return run
 
 
 def interleaved(fns: dict, rounds: int) -> dict:
@@ -172,8 +187,8 @@ def per_sample(rounds: int) -> None:
                         return run
 
                     fns[f"static {fmt}"] = call(s)
-                    fns[f"groups {fmt}"] = call(d, threshold=10**9)
-                    fns[f"per-sample {fmt}"] = call(d, threshold=1)
+                    fns[f"groups {fmt}"] = without_kernel(call(d, threshold=10**9))
+                    fns[f"per-sample {fmt}"] = without_kernel(call(d, threshold=1))
                 defaults = _chunked.PER_SAMPLE_MIN_POSITIONS, _chunked.PER_SAMPLE_GROUPED_MIN_ELEMENTS
                 try:
                     r = interleaved(fns, rounds)
@@ -219,10 +234,12 @@ def depthwise(rounds: int) -> None:
             dy = DynamicConv2d(channels, channels, 3, stride, 1, groups=channels, bias=False, num_experts=K)
             static, dy = static.to(memory_format=memory_format), dy.eval().to(memory_format=memory_format)
             fns[f"static {fmt}"] = call(static, x)
-            fns[f"folded {fmt}"] = call(dy, x, per_sample=False)
+            fns[f"folded {fmt}"] = without_kernel(call(dy, x, per_sample=False))
             if fmt == "CL":
-                fns["folded CL via C"] = call(dy, x, per_sample=False, via_contiguous=True)
-            fns[f"per-sample {fmt}"] = call(dy, x, per_sample=True)
+                fns["folded CL via C"] = without_kernel(call(dy, x, per_sample=False, via_contiguous=True))
+            fns[f"per-sample {fmt}"] = without_kernel(call(dy, x, per_sample=True))
+            if fmt == "CL":
+                fns["kernel CL"] = call(dy, x)
             fns[f"attention {fmt}"] = call(dy.attention, x)
             fns[f"input copy {fmt}"] = lambda x=x: x.clone()
         try:
@@ -265,11 +282,12 @@ def depthwise_train(rounds: int) -> None:
             dy = DynamicConv2d(channels, channels, 3, stride, 1, groups=channels, bias=False, num_experts=K)
             static, dy = static.to(memory_format=memory_format), dy.to(memory_format=memory_format)
             fns[f"static {fmt}"] = call(static, x, grad)
-            fns[f"folded {fmt}"] = call(dy, x, grad, per_sample=False)
+            fns[f"folded {fmt}"] = without_kernel(call(dy, x, grad, per_sample=False))
             if fmt == "CL":
-                fns["folded CL, backward via C"] = call(dy, x, grad, per_sample=False, backward_via_contiguous=True)
-            fns[f"per-sample {fmt}"] = call(dy, x, grad, per_sample=True)
-            fns[f"default {fmt}"] = call(dy, x, grad)
+                fns["folded CL, backward via C"] = without_kernel(
+                    call(dy, x, grad, per_sample=False, backward_via_contiguous=True))
+            fns[f"per-sample {fmt}"] = without_kernel(call(dy, x, grad, per_sample=True))
+            fns[f"default {fmt}"] = call(dy, x, grad)  # for channels_last: the kernel
         try:
             r = interleaved(fns, rounds)
         finally:
@@ -315,7 +333,7 @@ def fold_chunks(rounds: int) -> None:
             dy = DynamicConv2d(channels, channels, 3, stride, 1, groups=channels, bias=False, num_experts=K)
             dy = dy.to(memory_format=cl).train(grad is not None)
             fns = {"static": call(static, x, grad)}
-            fns.update({name: call(dy, x, grad, budget) for name, budget in budgets.items()})
+            fns.update({name: without_kernel(call(dy, x, grad, budget)) for name, budget in budgets.items()})
             try:
                 r = interleaved(fns, rounds)
             finally:

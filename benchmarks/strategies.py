@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from dyconv import DynamicConv2d
+from dyconv import DynamicConv2d, _depthwise
 from dyconv.benchmark import LAYER_SHAPES, interleaved_medians
 from dyconv.functional import STRATEGIES, dynamic_conv
 
@@ -28,8 +28,11 @@ def strategy_forward(layer: DynamicConv2d, strategy: str):
     return forward
 
 
-def applicable(strategy: str, kernel_size: int) -> bool:
-    return strategy != "matmul" or kernel_size == 1
+def applicable(strategy: str, shape, device: str) -> bool:
+    if strategy == "depthwise_kernel":  # the compiled CPU kernel: depthwise layers only
+        depthwise = shape.groups == shape.in_channels == shape.out_channels
+        return depthwise and torch.device(device).type == "cpu" and _depthwise.available()
+    return strategy != "matmul" or shape.kernel_size == 1
 
 
 def measure(shape, batch: int, device: str, train: bool, repeats: int, strategies) -> dict[str, float]:
@@ -39,7 +42,7 @@ def measure(shape, batch: int, device: str, train: bool, repeats: int, strategie
     size = max(1, shape.size // 2) if train else shape.size
     x = torch.randn(batch, shape.in_channels, size, size, device=device, requires_grad=train)
     forwards = {"static": static, "auto": layer}
-    forwards.update({s: strategy_forward(layer, s) for s in strategies if applicable(s, shape.kernel_size)})
+    forwards.update({s: strategy_forward(layer, s) for s in strategies if applicable(s, shape, device)})
 
     def call(forward):
         if train:
