@@ -56,7 +56,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dyconv import DynamicConv2d, _chunked, _depthwise
+from dyconv import DynamicConv2d, _chunked, _cpu_kernel
 from dyconv.functional import dynamic_conv
 
 K = 4
@@ -66,12 +66,12 @@ def without_kernel(fn):
     """``fn`` run with the compiled depthwise kernel switched off (``"depthwise_kernel"`` not chosen), so that a
     side measures the chunked strategy it names even for channels_last depthwise layers."""
     def run():
-        applies = _depthwise.applies
-        _depthwise.applies = lambda *args: False
+        applies = _cpu_kernel.applies
+        _cpu_kernel.applies = lambda *args: False
         try:
             return fn()
         finally:
-            _depthwise.applies = applies
+            _cpu_kernel.applies = applies
     return run
 
 

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from dyconv import DynamicConv2d, _depthwise
+from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.benchmark import LAYER_SHAPES, interleaved_medians
 from dyconv.functional import STRATEGIES, dynamic_conv
 
@@ -31,7 +31,7 @@ def strategy_forward(layer: DynamicConv2d, strategy: str):
 def applicable(strategy: str, shape, device: str) -> bool:
     if strategy == "depthwise_kernel":  # the compiled CPU kernel: depthwise layers only
         depthwise = shape.groups == shape.in_channels == shape.out_channels
-        return depthwise and torch.device(device).type == "cpu" and _depthwise.available()
+        return depthwise and torch.device(device).type == "cpu" and _cpu_kernel.available()
     return strategy != "matmul" or shape.kernel_size == 1
 
 

@@ -41,7 +41,7 @@ def assert_gradients_match_loop(layer, x, out):
 
 
 def applicable(strategy, layer):
-    if strategy == "depthwise_kernel":  # tested on its own grid (test_depthwise_kernel.py)
+    if strategy == "depthwise_kernel":  # tested on its own grid (test_cpu_kernel.py)
         return layer.groups == layer.in_channels == layer.out_channels
     one_by_one = all(k == 1 for k in layer.kernel_size) and not any(layer._padding_pairs)
     return strategy != "matmul" or one_by_one

@@ -360,10 +360,21 @@ def test_set_temperature_errors():
         dyconv.set_temperature(DynamicConv2d(4, 4, 3), 0)
 
 
+@pytest.fixture(params=["compiled", "operators"])
+def one_sample_route(request, monkeypatch):
+    """Batch-1 inference by the compiled CPU kernel's one call (attention and mixing) or by PyTorch operators
+    (where the kernel cannot be built, or is switched off): both must be exact."""
+    if request.param == "operators":
+        monkeypatch.setattr(dyconv._cpu_kernel, "one_sample_mix_applies", lambda *args: False)
+    elif not dyconv._cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not available here")
+    return request.param
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, monkeypatch):
+def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, monkeypatch, one_sample_route):
     """Batch 1 without gradients takes the lean path (zero symmetric padding) or falls back; both exact."""
     layer = make(rank, 3, bias, **kwargs).eval()
     x = make_input(rank, layer, 1)
@@ -390,7 +401,9 @@ def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, scal
     """A large kernel (2^18 elements) is mixed by one matrix-vector product by default, and by scaled adds where
     SCALED_ADDS_MIN_ELEMENTS admits it; channels_last experts in their order; the one-sample path uses
     matrix-vector products (attention, bias) and no matrix product. All against the reference, and the attention
-    equals the batched computation's."""
+    equals the batched computation's. (The PyTorch operators' path: the compiled kernel's one call is switched off
+    here, and tested in test_cpu_kernel.py.)"""
+    monkeypatch.setattr(dyconv._cpu_kernel, "one_sample_mix_applies", lambda *args: False)
     layer = DynamicConv2d(64, 512, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64).eval()
     if scaled_adds:
         monkeypatch.setattr(dyconv._chunked, "SCALED_ADDS_MIN_ELEMENTS", 1 << 18)
@@ -434,7 +447,7 @@ def _batch1_checked():
     return layer, inputs, check
 
 
-def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
+def test_one_sample_views_reused_and_rebuilt_when_parameters_change(one_sample_route):
     """The batch-1 path reuses its views (experts, workspace viewed as the kernel) between calls, sees in-place
     parameter updates through them, and rebuilds them when a parameter, its layout or the workspace is replaced."""
     layer, inputs, checked = _batch1_checked()
@@ -444,6 +457,7 @@ def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
         return _one_sample_plans()[layer]
 
     plan = check()
+    assert plan.compiled == (one_sample_route == "compiled")
     assert check() is plan  # reused
     workspace = dyconv._chunked.workspace_base(1, layer.weight)
     assert plan.kernel.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
@@ -473,7 +487,7 @@ def test_one_sample_views_reused_and_rebuilt_when_parameters_change():
     pickle.loads(pickle.dumps(layer))
 
 
-def test_one_sample_path_respects_hooks_parametrizations_and_pruning():
+def test_one_sample_path_respects_hooks_parametrizations_and_pruning(one_sample_route):
     """Where the layer's members are not plain (hooks on the attention, a parametrized or pruned weight), batch-1
     inference still equals the reference and still calls the hooks."""
     from torch.nn.utils import parametrize, prune
@@ -501,7 +515,7 @@ def test_one_sample_path_respects_hooks_parametrizations_and_pruning():
     check()
 
 
-def test_one_sample_path_for_a_layer_built_in_inference_mode():
+def test_one_sample_path_for_a_layer_built_in_inference_mode(one_sample_route):
     """Parameters and buffers made under torch.inference_mode are inference tensors (no version counter): the
     batch-1 path still follows a temperature changed in place, inside and outside inference mode."""
     with torch.inference_mode():
@@ -516,7 +530,7 @@ def test_one_sample_path_for_a_layer_built_in_inference_mode():
         torch.testing.assert_close(layer(x), per_sample_reference(layer, x), **TOL[torch.float64])
 
 
-def test_one_sample_path_in_several_threads():
+def test_one_sample_path_in_several_threads(one_sample_route):
     """Each thread mixes into its own workspace: the same layer at batch 1 in two threads at once stays exact."""
     import threading
 

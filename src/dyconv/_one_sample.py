@@ -30,7 +30,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import _chunked
+from . import _chunked, _cpu_kernel
 from . import functional
 from .attention import ExpertAttention, one_sample_logits
 
@@ -41,7 +41,7 @@ class _Plan:
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
                  "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
-                 "kernel", "bias_t")
+                 "kernel", "bias_t", "flat", "bias_d", "compiled")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
@@ -73,6 +73,10 @@ class _Plan:
         self.out = None if base is None else base[:numel]
         self.kernel = None if base is None else _chunked.unflatten(self.out.view(1, numel), experts, self.order)[0]
         self.bias_t = None if bias is None else bias.detach().t()
+        # the compiled CPU kernel computes the attention and mixes in one call (dyconv._cpu_kernel.one_sample_mix)
+        self.flat, self.bias_d = flat, None if bias is None else bias.detach()
+        self.compiled = (self.out is not None and self.rows is None and flat.is_contiguous()
+                         and _cpu_kernel.one_sample_mix_applies(self.w1, self.b1, self.w2, self.b2, self.bias_d))
 
     def matches(self, layer: nn.Module, weight: Tensor, state) -> bool:
         params = layer._parameters
@@ -164,6 +168,14 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
     if _chunked.autocast_dtype(plan.device_type) is not None:
         return None
     weight = plan.weight
+    if plan.compiled:  # the same arithmetic as below, in one call
+        scale = plan.inverse_temperature
+        if scale is None:
+            scale = 1.0 / float(plan.temperature)
+        mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,
+                                                    plan.out, plan.bias_d)
+        return functional.conv(x, plan.kernel, None if plan.bias_d is None else mixed, stride, padding, dilation,
+                               groups)
     # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
     if plan.inverse_temperature is None:
         logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature

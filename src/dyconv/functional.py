@@ -36,7 +36,7 @@ Strategies (all give the same numbers up to floating-point rounding):
     ``batch × kernel size`` per layer (see :mod:`dyconv._chunked`). The default in eager mode.
 ``"depthwise_kernel"``
     Depthwise layers on the CPU with channels_last input (float32, float64): a compiled kernel that mixes each
-    sample's kernel and convolves in one pass, with its own backward (see :mod:`dyconv._depthwise`). The default
+    sample's kernel and convolves in one pass, with its own backward (see :mod:`dyconv._cpu_kernel`). The default
     for such layers in eager mode where the kernel could be built.
 
 Only ``"chunked"`` and ``"depthwise_kernel"`` bound training memory; the other strategies leave backward to autograd, which keeps
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _chunked, _depthwise
-from ._depthwise import conv_depthwise_kernel
+from . import _chunked, _cpu_kernel
+from ._cpu_kernel import conv_depthwise_kernel
 from ._chunked import (conv_chunked, is_channels_last, kernel_is_one, output_positions, product,
                        tracing_exporting_or_compiling, uses_matmul)
 
@@ -370,7 +370,7 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
         batch_generic = tracing_exporting_or_compiling()
     if not batch_generic:
         if not torch.jit.is_scripting():
-            if groups > 1 and _depthwise.applies(x, weight, groups):
+            if groups > 1 and _cpu_kernel.applies(x, weight, groups):
                 return "depthwise_kernel"
         num_experts = weight.shape[0]
         if stride is not None and dilation is not None and groups == 1 and num_experts > 1 and x.shape[0] > 1:

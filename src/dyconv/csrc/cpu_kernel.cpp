@@ -1,13 +1,14 @@
-// Dynamic depthwise convolution on the CPU, channels innermost: one pass per sample that mixes the sample's
-// kernel from the K experts and convolves with it, and the matching backward.
+// dyconv's compiled CPU kernel (loaded by dyconv/_cpu_kernel.py, registered as torch.ops.dyconv_cpu.*):
+//
+// * depthwise_forward / depthwise_backward: dynamic depthwise convolution, channels innermost: one pass per sample
+//   that mixes the sample's kernel from the K experts and convolves with it, and the matching backward.
+// * one_sample_mix: batch-1 inference of any dynamic layer: the attention and the kernel's mixing in one call.
 //
 // Tensors are read through raw pointers in the "channels innermost" memory order that channels_last (2-D),
 // channels_last_3d (3-D) and a (B, L, C) buffer seen as (B, C, L) (1-D) share: element (b, c, d, h, w) of an
 // input of spatial size (D, H, W) sits at ((b * D + d) * H + h) * W + w) * C + c. Every rank is handled as
-// 3-D, with size-1 dimensions filled in by the Python side (dyconv/_depthwise.py), so one kernel serves
-// Conv1d, Conv2d and Conv3d. The loops over channels are the innermost ones and vectorise.
-//
-// Registered as torch.ops.dyconv_cpu.depthwise_forward / depthwise_backward.
+// 3-D, with size-1 dimensions filled in, so one kernel serves Conv1d, Conv2d and Conv3d. The loops over
+// channels are the innermost ones and vectorise.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -330,6 +332,140 @@ std::tuple<at::Tensor, at::Tensor> depthwise_backward(const at::Tensor& grad_y, 
   return std::make_tuple(gx, gw);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Batch-1 inference of any dynamic layer (dyconv/_one_sample.py): the attention and the mixing in one call.
+// attention = softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)); out = sum_k attention[k] * experts[k] (experts
+// (K, N) contiguous, out N contiguous, e.g. the thread's workspace); returns the mixed bias (or an empty tensor).
+// Sums are accumulated in double.
+
+template <typename T>
+void channel_sums(const at::Tensor& x, double* sums) {
+  const int64_t C = x.size(1), positions = x.numel() / std::max<int64_t>(C, 1);
+  const T* data = x.data_ptr<T>();
+  std::fill(sums, sums + C, 0.0);
+  if (channels_innermost(x)) {
+    // (positions, C) rows: a partial row of sums per block of positions, added in a fixed order
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), positions / 64));
+    const int64_t per_block = (positions + blocks - 1) / blocks;
+    std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        double* acc = partial.data() + blk * C;
+        const int64_t p1 = std::min(positions, (blk + 1) * per_block);
+        for (int64_t p = blk * per_block; p < p1; ++p) {
+          const T* row = data + p * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(row[c]);
+        }
+      }
+    });
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int64_t c = 0; c < C; ++c) sums[c] += partial[blk * C + c];
+  } else {
+    // contiguous: one row of positions per channel
+    at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const T* row = data + c * positions;
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t p = 0; p < positions; ++p) acc += static_cast<double>(row[p]);
+        sums[c] = acc;
+      }
+    });
+  }
+}
+
+template <typename T>
+void linear(const T* w, const T* b, const double* in, double* out, int64_t rows, int64_t cols, double alpha,
+            double beta) {
+  // out = alpha * (w @ in) + beta * b
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* wr = w + r * cols;
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < cols; ++c) acc += static_cast<double>(wr[c]) * in[c];
+    out[r] = alpha * acc + beta * static_cast<double>(b[r]);
+  }
+}
+
+template <typename scalar_t>
+void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                         const at::Tensor& b2, double scale, const at::Tensor& experts, at::Tensor& out,
+                         const c10::optional<at::Tensor>& bias, at::Tensor& mixed_bias) {
+  const int64_t C = xc.size(1), H = w1.size(0), K = w2.size(0), N = experts.size(1);
+  std::vector<double> sums(C), hidden(H), logits(K);
+  channel_sums<scalar_t>(xc, sums.data());
+  const double positions = static_cast<double>(std::max<int64_t>(1, xc.numel() / std::max<int64_t>(C, 1)));
+  linear<scalar_t>(w1.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(), sums.data(), hidden.data(), H, C,
+                   1.0 / positions, 1.0);
+  for (auto& h : hidden) h = h > 0.0 ? h : 0.0;
+  linear<scalar_t>(w2.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), hidden.data(), logits.data(), K, H, scale,
+                   scale);
+  const double top = *std::max_element(logits.begin(), logits.end());
+  double total = 0.0;
+  for (auto& l : logits) total += (l = std::exp(l - top));
+  std::vector<scalar_t> a(K);
+  for (int64_t k = 0; k < K; ++k) a[k] = static_cast<scalar_t>(logits[k] / total);
+  const scalar_t* e = experts.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  // in tiles of 2048 elements, so that a tile of out stays in L1 while the K experts' tiles stream past it
+  constexpr int64_t tile = 2048;
+  at::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
+    const scalar_t a0 = a[0];
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+#pragma omp simd
+      for (int64_t n = t0; n < t1; ++n) o[n] = a0 * e[n];
+      for (int64_t k = 1; k < K; ++k) {
+        const scalar_t ak = a[k];
+        const scalar_t* ek = e + k * N;
+#pragma omp simd
+        for (int64_t n = t0; n < t1; ++n) o[n] += ak * ek[n];
+      }
+    }
+  });
+  if (mixed_bias.defined()) {
+    const at::Tensor bc = bias->contiguous();
+    const scalar_t* bb = bc.data_ptr<scalar_t>();
+    scalar_t* mb = mixed_bias.data_ptr<scalar_t>();
+    const int64_t Co = bc.size(1);
+    for (int64_t c = 0; c < Co; ++c) {
+      scalar_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += a[k] * bb[k * Co + c];
+      mb[c] = acc;
+    }
+  }
+}
+
+at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                          const at::Tensor& b2, double scale, const at::Tensor& experts, at::Tensor& out,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.size(0) == 1 && x.dim() >= 3,
+              "dyconv one_sample_mix: x must be one CPU sample (1, C, *spatial), got ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dyconv one_sample_mix: float32 or float64, got ", dtype);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w1, &b1, &w2, &b2, &experts, &out}) {
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->device().is_cpu(),
+                "dyconv one_sample_mix: parameters, experts and out must be contiguous CPU tensors of x's dtype");
+  }
+  const int64_t C = x.size(1), H = w1.size(0), K = w2.size(0), N = experts.size(1);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && b1.numel() == H && w2.dim() == 2 && w2.size(1) == H &&
+                  b2.numel() == K && experts.dim() == 2 && experts.size(0) == K && out.numel() == N,
+              "dyconv one_sample_mix: shapes do not fit (x ", x.sizes(), ", fc1 ", w1.sizes(), ", fc2 ", w2.sizes(),
+              ", experts ", experts.sizes(), ", out ", out.sizes(), ")");
+  at::Tensor mixed_bias;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 2 && bias->size(0) == K,
+                "dyconv one_sample_mix: bias must be (", K, ", C_out) of x's dtype, got ", bias->sizes());
+    mixed_bias = at::empty({bias->size(1)}, x.options());
+  }
+  const at::Tensor xc = (channels_innermost(x) || x.is_contiguous()) ? x : x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dyconv_one_sample_mix", [&] {
+    one_sample_mix_impl<scalar_t>(xc, w1, b1, w2, b2, scale, experts, out, bias, mixed_bias);
+  });
+  return mixed_bias.defined() ? mixed_bias : at::empty({0}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dyconv_cpu, m) {
@@ -337,9 +473,12 @@ TORCH_LIBRARY(dyconv_cpu, m) {
         "int[] dilation) -> (Tensor, Tensor)");
   m.def("depthwise_backward(Tensor grad_y, Tensor x, Tensor mixed, int[] kernel, int[] stride, int[] padding, "
         "int[] dilation, bool need_input, bool need_mixed) -> (Tensor, Tensor)");
+  m.def("one_sample_mix(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
+        "Tensor(a!) out, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
   m.impl("depthwise_forward", depthwise_forward);
   m.impl("depthwise_backward", depthwise_backward);
+  m.impl("one_sample_mix", one_sample_mix);
 }

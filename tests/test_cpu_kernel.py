@@ -1,6 +1,6 @@
-"""The compiled depthwise CPU kernel (strategy ``"depthwise_kernel"``, ``dyconv._depthwise``) against the per-sample
+"""The compiled CPU kernel (``dyconv._cpu_kernel``): the ``"depthwise_kernel"`` strategy against the per-sample
 ``nn.ConvNd`` reference in float64, forward and every gradient, over a grid of depthwise layers in 1-D, 2-D and
-3-D; when the layers pick it; its errors; and the fallback without it."""
+3-D; when the layers pick it; its errors; the fallback without it; batch-1 inference through its one_sample_mix."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d, _depthwise
+from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d, _cpu_kernel
 from dyconv.functional import select_strategy
 from reference import TOL, per_sample_reference
 from test_functional import assert_gradients_match_loop, run
@@ -51,7 +51,7 @@ def layer_and_input(rank, case, batch, layout):
 def test_kernel_builds_here():
     """On Linux with a C++ compiler (this machine and CI) the kernel must build: a failed build would only warn
     and fall back, and every test below would silently test the fallback."""
-    assert _depthwise.available(), _depthwise.unavailable_reason()
+    assert _cpu_kernel.available(), _cpu_kernel.unavailable_reason()
 
 
 @needs_kernel
@@ -140,12 +140,12 @@ def test_falls_back_without_the_kernel(tmp_path):
     script = tmp_path / "fallback.py"
     script.write_text(
         "import torch\n"
-        "from dyconv import DynamicConv2d, _depthwise\n"
+        "from dyconv import DynamicConv2d, _cpu_kernel\n"
         "from dyconv.functional import dynamic_conv, select_strategy\n"
         "from reference import per_sample_reference\n"
         "layer = DynamicConv2d(6, 6, 3, padding=1, groups=6, dtype=torch.float64)\n"
         "x = torch.randn(3, 6, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)\n"
-        "assert not _depthwise.available() and _depthwise.unavailable_reason() == 'DYCONV_CPU_KERNEL=0'\n"
+        "assert not _cpu_kernel.available() and _cpu_kernel.unavailable_reason() == 'DYCONV_CPU_KERNEL=0'\n"
         "assert select_strategy(x, layer.weight, [1, 1], 6, [1, 1], [1, 1]) == 'chunked'\n"
         "torch.testing.assert_close(layer(x), per_sample_reference(layer, x), rtol=1e-10, atol=1e-10)\n"
         "try:\n"
@@ -161,3 +161,53 @@ def test_falls_back_without_the_kernel(tmp_path):
                PYTHONPATH=os.pathsep.join([str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@needs_kernel
+def test_not_under_a_python_dispatch_mode():
+    """Under a Python dispatch mode (dyconv.profile counts MAdds with FlopCounterMode) the layers keep to PyTorch
+    operators, whose FLOPs the mode sees: the kernel's work would be invisible to it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer, x = layer_and_input(2, CASES[0], 4, "channels_last")
+    assert select_strategy(x, layer.weight, [1, 1], CHANNELS, layer.stride, layer.dilation) == "depthwise_kernel"
+    with FlopCounterMode(display=False) as counter:
+        assert select_strategy(x, layer.weight, [1, 1], CHANNELS, layer.stride, layer.dilation) == "chunked"
+        layer(x)
+    # at least the depthwise convolution's 2 x 9 FLOPs per output element (the attention alone has far fewer)
+    assert counter.get_total_flops() >= 2 * 9 * x.shape[0] * CHANNELS * 9 * 10
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_batch1_inference_in_one_call_float32(layout, bias):
+    """Batch-1 inference with the attention and the mixing in the kernel's one call (dyconv._one_sample) in float32,
+    on a large input (its sum accumulated in double), against the float64 reference; the float64 case is in
+    test_layers.py (the one_sample_route fixture)."""
+    from dyconv._chunked import thread_state
+
+    layer = DynamicConv2d(24, 40, 3, padding=1, bias=bias, num_experts=4, temperature=3.0, dtype=torch.float64)
+    x = torch.randn(1, 24, 96, 80, dtype=torch.float64) + 0.5
+    expected = per_sample_reference(layer.eval(), x).float()
+    layer, x = layer.float(), x.float()
+    if layout == "channels_last":
+        layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = layer(x)
+    assert thread_state().one_sample_plans[layer].compiled
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+@needs_kernel
+def test_one_sample_mix_checks_its_arguments():
+    x = torch.randn(1, 6, 5, 5)
+    w1, b1, w2, b2 = torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)
+    experts, out = torch.randn(3, 54), torch.empty(54)
+    torch.ops.dyconv_cpu.one_sample_mix(x, w1, b1, w2, b2, 1.0, experts, out, None)
+    with pytest.raises(RuntimeError, match="shapes do not fit.*fc1 \\[4, 5\\]"):
+        torch.ops.dyconv_cpu.one_sample_mix(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, out, None)
+    with pytest.raises(RuntimeError, match="one CPU sample.*\\[2, 6, 5, 5\\]"):
+        torch.ops.dyconv_cpu.one_sample_mix(torch.randn(2, 6, 5, 5), w1, b1, w2, b2, 1.0, experts, out, None)
+    with pytest.raises(RuntimeError, match="contiguous CPU tensors of x's dtype"):
+        torch.ops.dyconv_cpu.one_sample_mix(x, w1.double(), b1, w2, b2, 1.0, experts, out, None)

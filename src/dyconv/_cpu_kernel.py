@@ -1,18 +1,22 @@
-"""The ``"depthwise_kernel"`` strategy: dynamic depthwise convolution by a compiled CPU kernel.
+"""The compiled CPU kernel (``csrc/cpu_kernel.cpp``): building it, and the two places the layers use it.
 
-PyTorch has no depthwise convolution with a different kernel per sample. Its ways around that (the batch folded
-into the groups, or one convolution per sample) cost 1.8–4.9× a static depthwise convolution at batch 32 for
-MobileNetV2's layers, where the static one is cheap. ``csrc/depthwise.cpp`` mixes each sample's kernel from the K
-experts and convolves with it in one pass over channels-innermost (channels_last) memory, and has the matching
-backward (input gradient gathered per input row, per-sample kernel gradients summed per block of output rows).
-Nothing but the input, the experts, the attention and the per-sample kernels (``batch × taps × channels``: small
-for depthwise layers) is kept for backward.
+* The ``"depthwise_kernel"`` strategy. PyTorch has no depthwise convolution with a different kernel per sample.
+  Its ways around that (the batch folded into the groups, or one convolution per sample) cost 1.1–4.8× a static
+  depthwise convolution at batch 32 for MobileNetV2's layers, where the static one is cheap.
+  ``torch.ops.dyconv_cpu.depthwise_forward`` mixes each sample's kernel from the K experts and convolves with it
+  in one pass over channels-innermost (channels_last) memory, and ``depthwise_backward`` is the matching backward
+  (input gradient gathered per input row, per-sample kernel gradients summed per block of output rows). Nothing
+  but the input, the experts, the attention and the per-sample kernels (``batch × taps × channels``: small for
+  depthwise layers) is kept for backward.
+* Batch-1 inference of every layer (:mod:`dyconv._one_sample`): ``torch.ops.dyconv_cpu.one_sample_mix`` computes
+  the attention (input sum, the two linear layers, ReLU, softmax with the temperature) and mixes the kernel into
+  the thread's workspace in one call, where PyTorch operators take six.
 
-The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency, are needed;
-``-march=native``, so the build directory's name carries a digest of the CPU's flags) and cached by PyTorch in
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a compiler, or with the environment
-variable ``DYCONV_CPU_KERNEL=0``, :func:`available` is false (with one warning saying why), and the layers use
-their other strategies.
+The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency,
+are needed; ``-march=native``, so the build directory's name carries a digest of the CPU's flags) and cached by
+PyTorch in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a compiler, or with the
+environment variable ``DYCONV_CPU_KERNEL=0``, :func:`available` is false (with one warning saying why), and the
+layers use PyTorch operators instead (same results up to rounding).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import Tensor
 
 from ._chunked import autocast_dtype, python_dispatch_active, unviewed
 
-SOURCE = Path(__file__).with_name("csrc") / "depthwise.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernel.cpp"
 ENV_SWITCH = "DYCONV_CPU_KERNEL"
 DTYPES = (torch.float32, torch.float64)
 
@@ -94,8 +98,8 @@ def available() -> bool:
                     _state["loaded"] = True
                 except Exception as e:  # no compiler, no ninja, a failed build: fall back, say so once
                     _state["error"] = f"{type(e).__name__}: {e}"
-                    warnings.warn("dyconv: the compiled depthwise CPU kernel is not available (" + _state["error"]
-                                  + "); depthwise layers use the PyTorch strategies instead", RuntimeWarning,
+                    warnings.warn("dyconv: the compiled CPU kernel is not available (" + _state["error"]
+                                  + "); the layers use PyTorch operators instead", RuntimeWarning,
                                   stacklevel=2)
             _state["tried"] = True
     return _state["loaded"]
@@ -125,6 +129,17 @@ def applies(x: Tensor, weight: Tensor, groups: int) -> bool:
     if python_dispatch_active():
         return False  # a dispatch mode (e.g. dyconv.profile's FLOP counter) would not see inside the kernel
     return available()
+
+
+@torch.jit.unused
+def one_sample_mix_applies(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``torch.ops.dyconv_cpu.one_sample_mix`` (batch-1 inference: the attention and the mixing in one call,
+    ``dyconv._one_sample``) takes these attention parameters and expert biases: contiguous, on the CPU, one dtype,
+    float32 or float64. (Asks :func:`available`.)"""
+    tensors = [w1, b1, w2, b2] + ([] if bias is None else [bias])
+    if w1.dtype not in DTYPES or any(t.dtype != w1.dtype or t.device.type != "cpu" for t in tensors):
+        return False
+    return all(t.is_contiguous() for t in tensors) and available()
 
 
 def _channels_innermost(t: Tensor) -> Tensor:
