@@ -13,9 +13,9 @@
   the thread's workspace in one call, where PyTorch operators take six.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency,
-are needed; ``-march=native``, so the build directory's name carries a digest of the CPU's flags) and cached by
-PyTorch in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a compiler, or with the
-environment variable ``DYCONV_CPU_KERNEL=0``, :func:`available` is false (with one warning saying why), and the
+are needed; ``-march=native``, so the build's name carries a digest of the CPU's flags, and one of the source) and
+cached by PyTorch in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a compiler, or with
+the environment variable ``DYCONV_CPU_KERNEL=0``, :func:`available` is false (with one warning saying why), and the
 layers use PyTorch operators instead (same results up to rounding).
 """
 
@@ -72,7 +72,9 @@ def _build() -> None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="dyconv_cpu_" + _cpu_tag(), sources=[str(SOURCE)],
+        # one build per CPU and source version: installs of different versions do not rebuild over each other
+        source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+        cpp_extension.load(name=f"dyconv_cpu_{_cpu_tag()}_{source}", sources=[str(SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     finally:
@@ -118,8 +120,8 @@ def channels_innermost(x: Tensor) -> bool:
 @torch.jit.unused
 def applies(x: Tensor, weight: Tensor, groups: int) -> bool:
     """Whether the kernel computes this call: a depthwise layer (one input and one output channel per group) on
-    the CPU, float32 or float64, channels-innermost input, no autocast and no Python dispatch mode. (Asks :func:`available`, which builds
-    the kernel on first use.)"""
+    the CPU, float32 or float64, channels-innermost input, no autocast and no Python dispatch mode. (Asks
+    :func:`available`, which builds the kernel on first use.)"""
     if groups == 1 or x.shape[1] != groups or weight.shape[1] != groups or weight.shape[2] != 1:
         return False
     if x.device.type != "cpu" or x.dtype not in DTYPES or weight.dtype != x.dtype:

@@ -9,7 +9,8 @@ matrix-vector products with a ReLU between them (the attention's linear layers; 
 temperature folded into the products' scalars), the softmax, one matrix-vector product that mixes the kernel
 straight into reused memory already viewed as the kernel (or, where ``dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS`` is
 set, for large kernels a scaled copy and K - 1 scaled adds, which stream the experts faster on some CPUs), and the
-convolution; an eighth mixes the bias where there is one.
+convolution; an eighth mixes the bias where there is one. Where the compiled CPU kernel (:mod:`dyconv._cpu_kernel`)
+is built, the first six are one call (``one_sample_mix``).
 
 What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
 (:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members

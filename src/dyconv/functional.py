@@ -39,8 +39,8 @@ Strategies (all give the same numbers up to floating-point rounding):
     sample's kernel and convolves in one pass, with its own backward (see :mod:`dyconv._cpu_kernel`). The default
     for such layers in eager mode where the kernel could be built.
 
-Only ``"chunked"`` and ``"depthwise_kernel"`` bound training memory; the other strategies leave backward to autograd, which keeps
-every sample's mixed kernel until backward.
+Only ``"chunked"`` and ``"depthwise_kernel"`` bound training memory; the other strategies leave backward to
+autograd, which keeps every sample's mixed kernel until backward.
 """
 
 from __future__ import annotations
@@ -360,9 +360,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1),
     ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
     depthwise layers on the CPU with channels_last float32/float64 input, where the compiled kernel could be
-    built: ``"depthwise_kernel"``; otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead: ``"experts"``
-    for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output positions, else
-    ``"chunked"``.
+    built: ``"depthwise_kernel"``; otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead:
+    ``"experts"`` for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output
+    positions, else ``"chunked"``.
     While tracing, exporting or compiling, only strategies without batch-size constants qualify.
     """
     batch_generic = False

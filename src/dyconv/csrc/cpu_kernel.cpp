@@ -88,7 +88,6 @@ template <typename T>
 void mix(const T* attention, const T* experts, const T* bias, T* mixed, T* mixed_bias, int64_t batch, int64_t K,
          int64_t channels, int64_t taps) {
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(channels);
     for (int64_t b = begin; b < end; ++b) {
       const T* a = attention + b * K;
       T* m = mixed + b * taps * channels;
@@ -115,43 +114,59 @@ void mix(const T* attention, const T* experts, const T* bias, T* mixed, T* mixed
   });
 }
 
+// Calls f(tap0, row) for every kernel row (kd, kh) whose input row lies inside the input, for the output row
+// (od, oh): tap0 is the row's first tap ((kd * KH + kh) * KW), row its input row within a sample (id * H + ih).
+template <typename F>
+inline void for_each_input_row(const Geometry& g, int64_t od, int64_t oh, F&& f) {
+  for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+    const int64_t id = od * g.stride[0] - g.padding[0] + kd * g.dilation[0];
+    if (id < 0 || id >= g.in[0]) continue;
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+      const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
+      if (ih < 0 || ih >= g.in[1]) continue;
+      f((kd * g.kernel[1] + kh) * g.kernel[2], id * g.in[1] + ih);
+    }
+  }
+}
+
+// One output row r (over batch, depth and height) of y = conv(x[b], w) + bias, w and bias the row's sample's own
+// mixed kernel (taps, C) and bias (C, or none).
+template <typename T>
+inline void forward_row(const Geometry& g, const T* x, const T* w, const T* bias, T* y, int64_t r) {
+  const int64_t C = g.channels;
+  const int64_t b = r / (g.out[0] * g.out[1]);
+  const int64_t od = (r / g.out[1]) % g.out[0], oh = r % g.out[1];
+  T* yrow = y + r * g.out[2] * C;
+  for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+    T* yp = yrow + ow * C;
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) yp[c] = bias[c];
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) yp[c] = 0;
+    }
+    for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
+      const T* xrow = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
+      for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+        const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+        if (iw < 0 || iw >= g.in[2]) continue;
+        const T* xp = xrow + iw * C;
+        const T* wp = w + (tap0 + kw) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) yp[c] += wp[c] * xp[c];
+      }
+    });
+  }
+}
+
 template <typename T>
 void forward_rows(const Geometry& g, const T* x, const T* mixed, const T* mixed_bias, T* y) {
-  const int64_t C = g.channels, taps = g.taps();
+  const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1];
   at::parallel_for(0, g.out_rows(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / (g.out[0] * g.out[1]);
-      const int64_t od = (r / g.out[1]) % g.out[0], oh = r % g.out[1];
-      const T* w = mixed + b * taps * C;
-      T* yrow = y + r * g.out[2] * C;
-      for (int64_t ow = 0; ow < g.out[2]; ++ow) {
-        T* yp = yrow + ow * C;
-        if (mixed_bias != nullptr) {
-          const T* mb = mixed_bias + b * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) yp[c] = mb[c];
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) yp[c] = 0;
-        }
-        for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
-          const int64_t id = od * g.stride[0] - g.padding[0] + kd * g.dilation[0];
-          if (id < 0 || id >= g.in[0]) continue;
-          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-            const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-            if (ih < 0 || ih >= g.in[1]) continue;
-            const T* xrow = x + ((b * g.in[0] + id) * g.in[1] + ih) * g.in_row();
-            for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-              const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
-              if (iw < 0 || iw >= g.in[2]) continue;
-              const T* xp = xrow + iw * C;
-              const T* wp = w + ((kd * g.kernel[1] + kh) * g.kernel[2] + kw) * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) yp[c] += wp[c] * xp[c];
-            }
-          }
-        }
-      }
+      const int64_t b = r / rows;
+      forward_row(g, x, mixed + b * taps * C, mixed_bias != nullptr ? mixed_bias + b * C : nullptr, y, r);
     }
   });
 }
@@ -218,26 +233,20 @@ void grad_mixed_rows(const Geometry& g, const T* gy, const T* x, T* gw) {
       for (int64_t r = block * rows_per_block; r < r1; ++r) {
         const int64_t od = r / g.out[1], oh = r % g.out[1];
         const T* gyrow = gy + (b * rows + r) * g.out[2] * C;
-        for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
-          const int64_t id = od * g.stride[0] - g.padding[0] + kd * g.dilation[0];
-          if (id < 0 || id >= g.in[0]) continue;
-          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-            const int64_t ih = oh * g.stride[1] - g.padding[1] + kh * g.dilation[1];
-            if (ih < 0 || ih >= g.in[1]) continue;
-            const T* xrow = x + ((b * g.in[0] + id) * g.in[1] + ih) * g.in_row();
-            for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-              T* ap = acc + ((kd * g.kernel[1] + kh) * g.kernel[2] + kw) * C;
-              for (int64_t ow = 0; ow < g.out[2]; ++ow) {
-                const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
-                if (iw < 0 || iw >= g.in[2]) continue;
-                const T* xp = xrow + iw * C;
-                const T* gyp = gyrow + ow * C;
+        for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
+          const T* xrow = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
+          for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+            T* ap = acc + (tap0 + kw) * C;
+            for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+              const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+              if (iw < 0 || iw >= g.in[2]) continue;
+              const T* xp = xrow + iw * C;
+              const T* gyp = gyrow + ow * C;
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) ap[c] += gyp[c] * xp[c];
-              }
+              for (int64_t c = 0; c < C; ++c) ap[c] += gyp[c] * xp[c];
             }
           }
-        }
+        });
       }
     }
   });
@@ -388,24 +397,43 @@ void linear(const T* w, const T* b, const double* in, double* out, int64_t rows,
   }
 }
 
+// The attention of one sample x (1, C, *spatial): softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)) into a (K).
+template <typename T>
+void sample_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2, double scale, T* a) {
+  const int64_t C = x.size(1), H = w1.size(0), K = w2.size(0);
+  std::vector<double> sums(C), hidden(H), logits(K);
+  channel_sums<T>(x, sums.data());
+  const double positions = static_cast<double>(std::max<int64_t>(1, x.numel() / std::max<int64_t>(C, 1)));
+  linear<T>(w1.data_ptr<T>(), b1.data_ptr<T>(), sums.data(), hidden.data(), H, C, 1.0 / positions, 1.0);
+  for (auto& h : hidden) h = h > 0.0 ? h : 0.0;
+  linear<T>(w2.data_ptr<T>(), b2.data_ptr<T>(), hidden.data(), logits.data(), K, H, scale, scale);
+  const double top = *std::max_element(logits.begin(), logits.end());
+  double total = 0.0;
+  for (auto& l : logits) total += (l = std::exp(l - top));
+  for (int64_t k = 0; k < K; ++k) a[k] = static_cast<T>(logits[k] / total);
+}
+
+void check_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                     const at::Tensor& b2) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous() && t->device().is_cpu(),
+                "dyconv: the attention's parameters must be contiguous CPU tensors of x's dtype");
+  }
+  const int64_t H = w1.size(0), K = w2.size(0);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == x.size(1) && b1.numel() == H && w2.dim() == 2 && w2.size(1) == H &&
+                  b2.numel() == K,
+              "dyconv: the attention's shapes do not fit (x ", x.sizes(), ", fc1 ", w1.sizes(), ", fc2 ", w2.sizes(),
+              ")");
+}
+
 template <typename scalar_t>
 void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                          const at::Tensor& b2, double scale, const at::Tensor& experts, at::Tensor& out,
                          const c10::optional<at::Tensor>& bias, at::Tensor& mixed_bias) {
-  const int64_t C = xc.size(1), H = w1.size(0), K = w2.size(0), N = experts.size(1);
-  std::vector<double> sums(C), hidden(H), logits(K);
-  channel_sums<scalar_t>(xc, sums.data());
-  const double positions = static_cast<double>(std::max<int64_t>(1, xc.numel() / std::max<int64_t>(C, 1)));
-  linear<scalar_t>(w1.data_ptr<scalar_t>(), b1.data_ptr<scalar_t>(), sums.data(), hidden.data(), H, C,
-                   1.0 / positions, 1.0);
-  for (auto& h : hidden) h = h > 0.0 ? h : 0.0;
-  linear<scalar_t>(w2.data_ptr<scalar_t>(), b2.data_ptr<scalar_t>(), hidden.data(), logits.data(), K, H, scale,
-                   scale);
-  const double top = *std::max_element(logits.begin(), logits.end());
-  double total = 0.0;
-  for (auto& l : logits) total += (l = std::exp(l - top));
+  const int64_t K = w2.size(0), N = experts.size(1);
   std::vector<scalar_t> a(K);
-  for (int64_t k = 0; k < K; ++k) a[k] = static_cast<scalar_t>(logits[k] / total);
+  sample_attention<scalar_t>(xc, w1, b1, w2, b2, scale, a.data());
   const scalar_t* e = experts.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   // in tiles of 2048 elements, so that a tile of out stays in L1 while the K experts' tiles stream past it
@@ -444,15 +472,15 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
               "dyconv one_sample_mix: x must be one CPU sample (1, C, *spatial), got ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dyconv one_sample_mix: float32 or float64, got ", dtype);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w1, &b1, &w2, &b2, &experts, &out}) {
+  check_attention(x, w1, b1, w2, b2);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&experts, &out}) {
     TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->device().is_cpu(),
-                "dyconv one_sample_mix: parameters, experts and out must be contiguous CPU tensors of x's dtype");
+                "dyconv one_sample_mix: experts and out must be contiguous CPU tensors of x's dtype");
   }
-  const int64_t C = x.size(1), H = w1.size(0), K = w2.size(0), N = experts.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && b1.numel() == H && w2.dim() == 2 && w2.size(1) == H &&
-                  b2.numel() == K && experts.dim() == 2 && experts.size(0) == K && out.numel() == N,
-              "dyconv one_sample_mix: shapes do not fit (x ", x.sizes(), ", fc1 ", w1.sizes(), ", fc2 ", w2.sizes(),
-              ", experts ", experts.sizes(), ", out ", out.sizes(), ")");
+  const int64_t K = w2.size(0), N = experts.size(1);
+  TORCH_CHECK(experts.dim() == 2 && experts.size(0) == K && out.numel() == N,
+              "dyconv one_sample_mix: experts must be (", K, ", N) and out N elements, got experts ", experts.sizes(),
+              ", out ", out.sizes());
   at::Tensor mixed_bias;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 2 && bias->size(0) == K,
