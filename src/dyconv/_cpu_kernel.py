@@ -2,7 +2,7 @@
 
 * The ``"depthwise_kernel"`` strategy. PyTorch has no depthwise convolution with a different kernel per sample.
   Its ways around that (the batch folded into the groups, or one convolution per sample) cost 1.1–4.8× a static
-  depthwise convolution at batch 32 for MobileNetV2's layers, where the static one is cheap.
+  depthwise convolution at batch 32 for MobileNetV2's layers, attention included, where the static one is cheap.
   ``torch.ops.dyconv_cpu.depthwise_forward`` mixes each sample's kernel from the K experts and convolves with it
   in one pass over channels-innermost (channels_last) memory, and ``depthwise_backward`` is the matching backward
   (input gradient gathered per input row, per-sample kernel gradients summed per block of output rows). Nothing
