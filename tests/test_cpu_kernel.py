@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d, _cpu_kernel
+from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.functional import select_strategy
 from reference import TOL, per_sample_reference
-from test_functional import assert_gradients_match_loop, run
+from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, run
 
-LAYER = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
-SPATIAL = {1: (13,), 2: (9, 10), 3: (5, 6, 7)}
 CASES = [
     dict(kernel_size=3, padding=1),
     dict(kernel_size=3, stride=2, dilation=2, padding=2),

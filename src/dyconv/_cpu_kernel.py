@@ -175,17 +175,17 @@ class _DepthwiseKernel(torch.autograd.Function):
             if need_w:
                 # d/dW_k = sum_b a[b,k] dW_b, from (K, taps, C) to the experts' (K, C, 1, *kernel)
                 grad_weight = torch.mm(a.t(), g).reshape(num_experts, -1, channels).transpose(1, 2)
-                grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+                grad_weight = grad_weight.reshape(weight.shape)
             if need_a:
                 # d/da[b,k] = <dW_b, W_k>
-                experts = weight.to(x.dtype).reshape(num_experts, channels, -1).transpose(1, 2)
+                experts = weight.reshape(num_experts, channels, -1).transpose(1, 2)
                 grad_a = torch.mm(g, experts.reshape(num_experts, -1).t())
         if ctx.has_bias and (need_b or need_a):
             g_bias = gy.sum(list(range(2, gy.dim())))
             if need_b:
-                grad_bias = torch.mm(a.t(), g_bias).to(bias.dtype)
+                grad_bias = torch.mm(a.t(), g_bias)
             if need_a:
-                extra = torch.mm(g_bias, bias.to(x.dtype).t())
+                extra = torch.mm(g_bias, bias.t())
                 grad_a = extra if grad_a is None else grad_a + extra
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)

@@ -64,9 +64,8 @@ Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef s
 
 // Channels-innermost strides of a (B, C, *spatial) tensor.
 bool channels_innermost(const at::Tensor& t) {
-  int64_t expected = 1;
   if (t.stride(1) != 1 && t.size(1) != 1) return false;
-  expected = t.size(1);
+  int64_t expected = t.size(1);
   for (int64_t dim = t.dim() - 1; dim >= 2; --dim) {
     if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
     expected *= t.size(dim);
