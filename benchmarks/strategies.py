@@ -32,6 +32,9 @@ def applicable(strategy: str, shape, device: str) -> bool:
     if strategy == "depthwise_kernel":  # the compiled CPU kernel: depthwise layers only
         depthwise = shape.groups == shape.in_channels == shape.out_channels
         return depthwise and torch.device(device).type == "cpu" and _cpu_kernel.available()
+    if strategy == "dense_kernel":  # the compiled CPU kernel: ungrouped stride-1 layers
+        plain = shape.groups == 1 and shape.stride == 1
+        return plain and torch.device(device).type == "cpu" and _cpu_kernel.available()
     return strategy != "matmul" or shape.kernel_size == 1
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
-from dyconv import _chunked
+from dyconv import _chunked, _cpu_kernel
 from dyconv.functional import BATCH_GENERIC_STRATEGIES, STRATEGIES, apply_padding, dynamic_conv, select_strategy
 from reference import CONV, TOL, manual_attention, per_sample_reference
 
@@ -43,6 +43,8 @@ def assert_gradients_match_loop(layer, x, out):
 def applicable(strategy, layer):
     if strategy == "depthwise_kernel":  # tested on its own grid (test_cpu_kernel.py)
         return layer.groups == layer.in_channels == layer.out_channels
+    if strategy == "dense_kernel":  # ungrouped stride-1 layers
+        return layer.groups == 1 and all(s == 1 for s in layer.stride)
     one_by_one = all(k == 1 for k in layer.kernel_size) and not any(layer._padding_pairs)
     return strategy != "matmul" or one_by_one
 
@@ -205,14 +207,18 @@ def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     assert select_strategy(torch.zeros(4, 16, 8, 8), expand, [0, 0], 1, [2, 2], one) == "experts"  # strided
     assert select_strategy(torch.zeros(4, 16, 2, 2), expand, [1, 1], 1, one, one) == "experts"  # padded
     assert select_strategy(torch.zeros(4, 16, 5, 5), expand, [0, 0], 1, one, one) == "chunked"  # 25 positions
-    # 5x5 output: 75 > 48
-    assert select_strategy(torch.zeros(4, 8, 5, 5), w, [1, 1], 1, one, one) == "chunked"
+    # 5x5 output: 75 > 48 (without gradients, ungrouped stride-1 layers take the compiled kernel where it is built)
+    larger = "dense_kernel" if _cpu_kernel.available() else "chunked"
+    assert select_strategy(torch.zeros(4, 8, 5, 5), w, [1, 1], 1, one, one) == larger
+    assert select_strategy(torch.zeros(4, 8, 5, 5, requires_grad=True), w, [1, 1], 1, one, one) == "chunked"
     # stride 2 brings 4x4 down to 2x2
     assert select_strategy(torch.zeros(4, 8, 4, 4), w, [1, 1], 1, [2, 2], one) == "unfold_experts"
-    # grouped, batch 1 and K = 1 stay chunked (aggregate-then-convolve reads each kernel once)
+    # grouped, batch 1 and K = 1 stay chunked (aggregate-then-convolve reads each kernel once), except where the
+    # compiled kernel takes batch 1 without gradients
     wg = torch.zeros(4, 8, 4, 3, 3)
     assert select_strategy(torch.zeros(4, 8, 1, 1), wg, [1, 1], 2, one, one) == "chunked"
-    assert select_strategy(torch.zeros(1, 8, 1, 1), w, [1, 1], 1, one, one) == "chunked"
+    assert select_strategy(torch.zeros(1, 8, 1, 1), w, [1, 1], 1, one, one) == larger  # batch 1: the compiled kernel
+    assert select_strategy(torch.zeros(1, 8, 1, 1, requires_grad=True), w, [1, 1], 1, one, one) == "chunked"
     assert select_strategy(torch.zeros(4, 8, 1, 1), w[:1], [1, 1], 1, one, one) == "chunked"
 
 
@@ -239,7 +245,8 @@ def test_auto_on_other_devices_picks_experts_up_to_14x14_outputs(meta_as_acceler
     assert pick(torch.zeros(4, 8, 4, 4), torch.zeros(4, 32, 8, 1, 1), [0, 0]) == "experts"  # the CPU: "scaled_inputs"
     assert pick(torch.zeros(4, 8, 7, 7), torch.zeros(4, 8, 4, 3, 3), groups=2) == "chunked"
     assert pick(torch.zeros(1, 8, 7, 7), w) == "chunked"
-    assert select_strategy(torch.zeros(4, 8, 14, 14), w, one, 1, one, one) == "chunked"  # the CPU
+    cpu = "dense_kernel" if _cpu_kernel.available() else "chunked"  # the CPU, without gradients
+    assert select_strategy(torch.zeros(4, 8, 14, 14), w, one, 1, one, one) == cpu
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
@@ -426,7 +433,8 @@ def test_workspace_reuse_keeps_results_independent(kernel_size):
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3])
-def test_workspace_from_inference_mode_serves_training(kernel_size):
+def test_workspace_from_inference_mode_serves_training(kernel_size, monkeypatch):
+    monkeypatch.setattr(_cpu_kernel, "DENSE_MAX_POSITIONS", -1)  # the chunked strategy's workspace, all calls
     _chunked.clear_workspaces()
     layer = DynamicConv2d(6, 8, kernel_size, padding=kernel_size // 2, num_experts=3)
     x = torch.randn(3, 6, 7, 7)

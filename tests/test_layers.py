@@ -360,14 +360,18 @@ def test_set_temperature_errors():
         dyconv.set_temperature(DynamicConv2d(4, 4, 3), 0)
 
 
-@pytest.fixture(params=["compiled", "operators"])
+@pytest.fixture(params=["dense", "compiled", "operators"])
 def one_sample_route(request, monkeypatch):
-    """Batch-1 inference by the compiled CPU kernel's one call (attention and mixing) or by PyTorch operators
-    (where the kernel cannot be built, or is switched off): both must be exact."""
+    """Batch-1 inference by the compiled CPU kernel: ``dense`` (ungrouped stride-1 layers with kernels larger than
+    1×1: the attention, then the kernel that mixes inside the convolution's tiles; the others as ``compiled``),
+    ``compiled`` (attention and mixing in one call, then the convolution), or by PyTorch operators (where the
+    kernel cannot be built, or is switched off): all must be exact."""
     if request.param == "operators":
         monkeypatch.setattr(dyconv._cpu_kernel, "one_sample_mix_applies", lambda *args: False)
     elif not dyconv._cpu_kernel.available():
         pytest.skip("the compiled CPU kernel is not available here")
+    if request.param != "dense":
+        monkeypatch.setattr(dyconv._cpu_kernel, "DENSE_MAX_POSITIONS", -1)
     return request.param
 
 
@@ -378,16 +382,24 @@ def test_one_sample_inference_path_matches_reference(rank, name, kwargs, bias, m
     """Batch 1 without gradients takes the lean path (zero symmetric padding) or falls back; both exact."""
     layer = make(rank, 3, bias, **kwargs).eval()
     x = make_input(rank, layer, 1)
-    used = []
-    real = type(layer)._infer_one
-    monkeypatch.setattr(type(layer), "_infer_one", lambda self, x: used.append(1) or real(self, x))
-    taken = []
-    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, taken))
+    used, dense = [], []
+    real, real_dense = type(layer)._infer_one, dyconv._one_sample._dense_output
+
+    def infer_one(self, x):
+        out = real(self, x)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(type(layer), "_infer_one", infer_one)
+    monkeypatch.setattr(dyconv._one_sample, "_dense_output", lambda *args: dense.append(real_dense(*args)) or dense[-1])
     with torch.no_grad():
         out = layer(x)
     torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
     zero_symmetric = layer.padding_mode == "zeros" and layer._padding_pairs[0::2] == layer._padding_pairs[1::2]
-    assert used and bool(taken) == zero_symmetric
+    assert used == [zero_symmetric]  # the lean path where the convolution pads, the general one otherwise
+    plain = layer.groups == 1 and set(layer.stride) == {1} and layer.weight[0, 0, 0].numel() > 1
+    plain = plain and out[0, 0].numel() <= dyconv._cpu_kernel.DENSE_MAX_POSITIONS
+    assert any(dense) == (zero_symmetric and plain and one_sample_route == "dense")
     with torch.no_grad():  # the general path gives the same numbers
         torch.testing.assert_close(out, layer(torch.cat([x, x]))[:1], **TOL[torch.float64])
     used.clear()
@@ -457,7 +469,7 @@ def test_one_sample_views_reused_and_rebuilt_when_parameters_change(one_sample_r
         return _one_sample_plans()[layer]
 
     plan = check()
-    assert plan.compiled == (one_sample_route == "compiled")
+    assert plan.compiled == (one_sample_route != "operators")
     assert check() is plan  # reused
     workspace = dyconv._chunked.workspace_base(1, layer.weight)
     assert plan.kernel.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()

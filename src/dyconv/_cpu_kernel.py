@@ -11,6 +11,14 @@
 * Batch-1 inference of every layer (:mod:`dyconv._one_sample`): ``torch.ops.dyconv_cpu.one_sample_mix`` computes
   the attention (input sum, the two linear layers, ReLU, softmax with the temperature) and mixes the kernel into
   the thread's workspace in one call, where PyTorch operators take six.
+* The ``"dense_kernel"`` strategy: ungrouped stride-1 layers with zero padding, inference.
+  ``torch.ops.dyconv_cpu.dense_forward`` mixes each sample's kernel inside the convolution's own tiles (a few
+  output channels and a few hundred kernel elements at a time, into a buffer that stays in L1), so the per-sample
+  kernels are never written to memory: at batch 32 the other strategies write and read back ``batch × kernel
+  size`` per layer, 302 MB for a 3×3 512->512 layer. Its convolution is a plain register-tiled loop, slower than
+  oneDNN's per FLOP, so :func:`dyconv.functional.select_strategy` takes it only for small outputs (deep 3×3 layers),
+  where streaming the kernels is what costs. Gradients are correct but not cheap: backward recomputes the layer
+  with the ``"chunked"`` strategy (the selection takes it only where no gradient is needed).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency,
 are needed; ``-march=native``, so the build's name carries a digest of the CPU's flags, and one of the source) and
@@ -34,7 +42,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._chunked import autocast_dtype, python_dispatch_active, unviewed
+from ._chunked import autocast_dtype, conv_chunked, python_dispatch_active, unviewed
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernel.cpp"
 ENV_SWITCH = "DYCONV_CPU_KERNEL"
@@ -210,3 +218,70 @@ def conv_depthwise_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], att
     bias = bias.to(x.dtype) if bias is not None else None
     return _DepthwiseKernel.apply(_channels_innermost(x), weight, bias, attention, list(stride), list(padding),
                                   list(dilation))
+
+
+DENSE_MAX_POSITIONS = 196
+"""The most output positions per sample for which :func:`dyconv.functional.select_strategy` takes
+``"dense_kernel"`` (14×14: the deep 3×3 layers of ResNets). Measured with ``benchmarks/strategies.py``: <figures>."""
+
+
+@torch.jit.unused
+def dense_applies(x: Tensor, weight: Tensor, stride: List[int], groups: int) -> bool:
+    """Whether ``torch.ops.dyconv_cpu.dense_forward`` can compute this call: an ungrouped stride-1 layer on the
+    CPU, float32 or float64 (input and experts alike), no autocast and no Python dispatch mode. (Asks
+    :func:`available`.) The padding must be zeros, applied by the convolution (``dynamic_conv`` pads the others
+    beforehand)."""
+    if groups != 1 or any(s != 1 for s in stride) or x.device.type != "cpu" or x.dtype not in DTYPES:
+        return False
+    if weight.dtype != x.dtype or weight.device.type != "cpu" or autocast_dtype("cpu") is not None:
+        return False
+    if python_dispatch_active():
+        return False
+    return available()
+
+
+class _DenseKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, padding: List[int],
+                dilation: List[int]) -> Tensor:
+        ctx.conv_args = (padding, dilation)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias if bias is not None else weight.new_empty(0), attention)
+        return torch.ops.dyconv_cpu.dense_forward(x, weight, attention, bias, padding, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        # recompute the layer with the "chunked" strategy and take its gradients (the selection takes this strategy
+        # only where no gradient is needed; called directly, it stays correct)
+        saved = list(ctx.saved_tensors)
+        if not ctx.has_bias:
+            saved[2] = None
+        padding, dilation = ctx.conv_args
+        inputs = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(saved, ctx.needs_input_grad[:4])]
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if t is not None and need]
+        with torch.enable_grad():
+            out = conv_chunked(inputs[0], inputs[1], inputs[2], inputs[3], [1] * len(padding), padding, dilation, 1)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        result = [next(grads) if t is not None and need else None for t, need in zip(inputs, ctx.needs_input_grad[:4])]
+        return result[0], result[1], result[2], result[3], None, None
+
+
+@torch.jit.unused
+def conv_dense_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
+                      padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    """The ``"dense_kernel"`` strategy: an ungrouped stride-1 layer on the CPU, float32 or float64, any memory
+    format (the output has the input's)."""
+    if groups != 1 or any(s != 1 for s in stride):
+        raise ValueError("strategy 'dense_kernel' needs an ungrouped stride-1 layer: got groups="
+                         f"{groups}, stride={list(stride)}")
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
+        raise ValueError("strategy 'dense_kernel' runs on the CPU in float32 or float64: got "
+                         f"device={x.device.type}, dtype={x.dtype}")
+    if not available():
+        raise RuntimeError("strategy 'dense_kernel': the compiled CPU kernel is not available ("
+                           f"{unavailable_reason()})")
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else None
+    return _DenseKernel.apply(x, weight, bias, attention, list(padding), list(dilation))

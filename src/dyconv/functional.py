@@ -38,6 +38,11 @@ Strategies (all give the same numbers up to floating-point rounding):
     Depthwise layers on the CPU with channels_last input (float32, float64): a compiled kernel that mixes each
     sample's kernel and convolves in one pass, with its own backward (see :mod:`dyconv._cpu_kernel`). The default
     for such layers in eager mode where the kernel could be built.
+``"dense_kernel"``
+    Ungrouped stride-1 layers on the CPU (float32, float64), inference: a compiled kernel that mixes each sample's
+    kernel inside the convolution's tiles, never writing it whole (see :mod:`dyconv._cpu_kernel`). The default in
+    eager mode without gradients for kernels larger than 1×1 with small outputs. Its backward recomputes the layer
+    with ``"chunked"``.
 
 Only ``"chunked"`` and ``"depthwise_kernel"`` bound training memory; the other strategies leave backward to
 autograd, which keeps every sample's mixed kernel until backward.
@@ -52,12 +57,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _chunked, _cpu_kernel
-from ._cpu_kernel import conv_depthwise_kernel
+from ._cpu_kernel import conv_dense_kernel, conv_depthwise_kernel
 from ._chunked import (conv_chunked, is_channels_last, kernel_is_one, output_positions, product,
                        tracing_exporting_or_compiling, uses_matmul)
 
 STRATEGIES = ("groups", "loop", "matmul", "unfold", "experts", "unfold_experts", "scaled_inputs", "chunked",
-              "depthwise_kernel")
+              "depthwise_kernel", "dense_kernel")
 # Strategies whose graphs hold no batch-size constant (used for export, tracing and compile).
 BATCH_GENERIC_STRATEGIES = ("matmul", "unfold", "experts")
 
@@ -350,6 +355,20 @@ def _experts_limits(device_type: str) -> List[int]:
     return [EXPERTS_MAX_POSITIONS, UNFOLD_EXPERTS_MAX_POSITIONS, -1]
 
 
+@torch.jit.unused
+def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                        groups: int) -> bool:
+    """Where ``"dense_kernel"`` is the default: no gradient needed, more than one expert, a kernel larger than 1×1,
+    at most ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample, and the kernel applies."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if weight.shape[0] == 1 or kernel_is_one(weight):
+        return False
+    if output_positions(x, weight, stride, padding, dilation) > _cpu_kernel.DENSE_MAX_POSITIONS:
+        return False
+    return _cpu_kernel.dense_applies(x, weight, stride, groups)
+
+
 def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
                     stride: Optional[List[int]] = None, dilation: Optional[List[int]] = None) -> str:
     """The strategy :func:`dynamic_conv` uses for these shapes.
@@ -387,6 +406,10 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
                 if weight.shape[1] > x.shape[1] and uses_matmul(weight, stride, padding, dilation, groups):
                     return "scaled_inputs"  # 1x1 expansions: K copies of the smaller input, not K outputs
                 return "experts"
+        if not torch.jit.is_scripting():
+            if stride is not None and dilation is not None and _dense_kernel_suits(x, weight, stride, padding,
+                                                                                   dilation, groups):
+                return "dense_kernel"
         # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
         # is aggregate-then-convolve, one chunk of many is batch-as-groups (or one bmm for 1x1)
         return "chunked"
@@ -453,6 +476,10 @@ def dynamic_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: T
         if not torch.jit.is_scripting():
             return conv_depthwise_kernel(x, weight, bias, attention, stride, conv_padding, dilation, groups)
         raise RuntimeError("strategy 'depthwise_kernel' runs in eager mode only (not in TorchScript)")
+    if strategy == "dense_kernel":
+        if not torch.jit.is_scripting():
+            return conv_dense_kernel(x, weight, bias, attention, stride, conv_padding, dilation, groups)
+        raise RuntimeError("strategy 'dense_kernel' runs in eager mode only (not in TorchScript)")
     raise ValueError("strategy must be 'auto', 'groups', 'loop', 'matmul', 'unfold', 'experts', 'unfold_experts', "
-                     "'scaled_inputs', 'chunked' or 'depthwise_kernel'. "
+                     "'scaled_inputs', 'chunked', 'depthwise_kernel' or 'dense_kernel'. "
                      "Received: strategy='" + strategy + "'")

@@ -2,7 +2,11 @@
 //
 // * depthwise_forward / depthwise_backward: dynamic depthwise convolution, channels innermost: one pass per sample
 //   that mixes the sample's kernel from the K experts and convolves with it, and the matching backward.
-// * one_sample_mix: batch-1 inference of any dynamic layer: the attention and the kernel's mixing in one call.
+// * one_sample_mix: batch-1 inference of any dynamic layer: the attention and the kernel's mixing in one call;
+//   one_sample_attention: the attention alone.
+// * dense_forward: inference of an ungrouped stride-1 dynamic convolution with the mixing inside the convolution's
+//   own tiles: each sample's kernel is mixed a few output channels and a few hundred inputs at a time into a
+//   buffer that stays in L1, never written whole (see "Dense convolution" below).
 //
 // Tensors are read through raw pointers in the "channels innermost" memory order that channels_last (2-D),
 // channels_last_3d (3-D) and a (B, L, C) buffer seen as (B, C, L) (1-D) share: element (b, c, d, h, w) of an
@@ -17,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -464,6 +469,23 @@ void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::T
   }
 }
 
+// The attention (1, K) of one sample x (1, C, *spatial), as one_sample_mix computes it.
+at::Tensor one_sample_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                const at::Tensor& w2, const at::Tensor& b2, double scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.size(0) == 1 && x.dim() >= 3,
+              "dyconv one_sample_attention: x must be one CPU sample (1, C, *spatial), got ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dyconv one_sample_attention: float32 or float64, got ",
+              dtype);
+  check_attention(x, w1, b1, w2, b2);
+  auto out = at::empty({1, w2.size(0)}, x.options());
+  const at::Tensor xc = (channels_innermost(x) || x.is_contiguous()) ? x : x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dyconv_one_sample_attention", [&] {
+    sample_attention<scalar_t>(xc, w1, b1, w2, b2, scale, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                           const at::Tensor& b2, double scale, const at::Tensor& experts, at::Tensor& out,
                           const c10::optional<at::Tensor>& bias) {
@@ -493,6 +515,261 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
   return mixed_bias.defined() ? mixed_bias : at::empty({0}, x.options());
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Dense convolution (groups 1, stride 1, zero padding, any dilation), inference: y[b] = conv(x[b], sum_k a[b,k]
+// experts[k]) + sum_k a[b,k] bias[k].
+//
+// Each sample is copied, zero-padded, into planes of (Dp, Hp, Wp) per input channel. An output position (od, oh, ow)
+// is given the index q = (od * Hp + oh) * Wp + ow of the padded volume, so every tap reads the input at q plus a
+// constant offset, and one kernel element multiplies a contiguous vector of positions: the register tile holds NR
+// output channels x MV vectors of positions and, per kernel element, broadcasts NR mixed weights and loads MV input
+// vectors. Positions with ow >= OW or oh >= OH are computed too and dropped (the price of the shift; the padded
+// planes carry enough slack that those reads stay inside the buffer).
+//
+// Work is split over blocks of NR output channels. For each block the K experts' rows (NR x C_in x taps per
+// expert) are read once per sample from L2 (the block's experts stay there while its samples pass), mixed KC
+// kernel elements at a time into a small buffer (the mixed kernel is never written out whole), and used at once by
+// every position of the sample. The kernel element order k is the experts' own memory order (input channel then tap
+// for contiguous experts, tap then input channel for channels_last ones), so each expert row is read contiguously;
+// a table gives each k's input offset.
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  typedef T unaligned __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)), may_alias));
+  static constexpr int lanes = kVectorBytes / sizeof(T);
+};
+
+constexpr int kTileChannels = 6;  // NR: output channels per register tile
+constexpr int kTileVectors = 4;   // MV: vectors of positions per register tile
+constexpr int64_t kMixedBytes = 16384;  // the mixed-kernel buffer of a block (NR x KC elements)
+
+// out[r][j] = (first ? 0 : out[r][j]) + sum_k w[r * ldw + k] * x[off[k] + j], r < NR, j < MVn vectors
+template <typename T, int MVn>
+inline void dense_tile(const T* w, int64_t ldw, const T* x, const int64_t* off, int64_t kc, T* out, int64_t ldo,
+                       bool first) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  V acc[kTileChannels][MVn];
+  for (int r = 0; r < kTileChannels; ++r)
+    for (int j = 0; j < MVn; ++j) acc[r][j] = first ? V{} : *reinterpret_cast<const U*>(out + r * ldo + j * L);
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* xk = x + off[k];
+    V xv[MVn];
+    for (int j = 0; j < MVn; ++j) xv[j] = *reinterpret_cast<const U*>(xk + j * L);
+    for (int r = 0; r < kTileChannels; ++r) {
+      const T wr = w[r * ldw + k];
+      for (int j = 0; j < MVn; ++j) acc[r][j] += wr * xv[j];
+    }
+  }
+  for (int r = 0; r < kTileChannels; ++r)
+    for (int j = 0; j < MVn; ++j) *reinterpret_cast<U*>(out + r * ldo + j * L) = acc[r][j];
+}
+
+struct DenseGeometry {
+  int64_t batch, in_channels, out_channels, experts, taps;
+  int64_t in[3], out[3], kernel[3], padding[3], dilation[3], padded[3];
+  bool taps_first;  // the experts' kernel element order: (tap, channel) for channels_last experts
+  int64_t plane() const { return padded[0] * padded[1] * padded[2]; }
+  // positions computed per sample: up to the last output position's index in the padded volume
+  int64_t positions() const { return ((out[0] - 1) * padded[1] + out[1] - 1) * padded[2] + out[2]; }
+  int64_t row() const { return in_channels * taps; }  // one output channel's kernel elements
+};
+
+template <typename T>
+void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, const T* attention, const T* bias,
+               const at::Tensor& y) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t vectors = (g.positions() + L - 1) / L, padded_positions = vectors * L;
+  const int64_t plane = g.plane(), sample = g.in_channels * plane, row = g.row();
+  const int64_t max_offset =
+      ((g.kernel[0] - 1) * g.dilation[0] * g.padded[1] + (g.kernel[1] - 1) * g.dilation[1]) * g.padded[2] +
+      (g.kernel[2] - 1) * g.dilation[2];
+  // the padded input, with slack after the last plane for the dropped positions' reads
+  auto padded = at::empty({g.batch * sample + padded_positions + max_offset}, x.options());
+  T* xp = padded.template data_ptr<T>();
+  const T* xs = x.template data_ptr<T>();
+  const auto xst = x.strides();
+  const int rank = x.dim() - 2;
+  int64_t in_stride[3] = {0, 0, 0};  // x's strides as (d, h, w)
+  for (int i = 0; i < rank; ++i) in_stride[3 - rank + i] = xst[2 + i];
+  at::parallel_for(0, g.batch * g.in_channels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / g.in_channels, c = bc % g.in_channels;
+      T* dst = xp + bc * plane;
+      std::fill(dst, dst + plane, T(0));
+      const T* src = xs + b * xst[0] + c * xst[1];
+      for (int64_t d = 0; d < g.in[0]; ++d)
+        for (int64_t h = 0; h < g.in[1]; ++h) {
+          T* drow = dst + ((d + g.padding[0]) * g.padded[1] + h + g.padding[1]) * g.padded[2] + g.padding[2];
+          const T* srow = src + d * in_stride[0] + h * in_stride[1];
+          if (in_stride[2] == 1) {
+            std::memcpy(drow, srow, g.in[2] * sizeof(T));
+          } else {
+            for (int64_t w = 0; w < g.in[2]; ++w) drow[w] = srow[w * in_stride[2]];
+          }
+        }
+    }
+  });
+  std::fill(xp + g.batch * sample, xp + padded.numel(), T(0));
+  std::vector<int64_t> offsets(row);
+  for (int64_t c = 0; c < g.in_channels; ++c)
+    for (int64_t kd = 0; kd < g.kernel[0]; ++kd)
+      for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
+        for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+          const int64_t tap = (kd * g.kernel[1] + kh) * g.kernel[2] + kw;
+          const int64_t k = g.taps_first ? tap * g.in_channels + c : c * g.taps + tap;
+          offsets[k] = c * plane + (kd * g.dilation[0] * g.padded[1] + kh * g.dilation[1]) * g.padded[2] +
+                       kw * g.dilation[2];
+        }
+  T* ys = y.template data_ptr<T>();
+  const auto yst = y.strides();
+  int64_t out_stride[3] = {0, 0, 0};
+  for (int i = 0; i < rank; ++i) out_stride[3 - rank + i] = yst[2 + i];
+  const int64_t E = g.experts, Co = g.out_channels;
+  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(row, kMixedBytes / kTileChannels / int64_t(sizeof(T))));
+  const int64_t blocks = (Co + kTileChannels - 1) / kTileChannels;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mixed(kTileChannels * KC);
+    std::vector<T> acc(kTileChannels * padded_positions);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t oc0 = blk * kTileChannels, nr = std::min<int64_t>(kTileChannels, Co - oc0);
+      for (int64_t b = 0; b < g.batch; ++b) {
+        const T* a = attention + b * E;
+        const T* xb = xp + b * sample;
+        for (int64_t k0 = 0; k0 < row; k0 += KC) {
+          const int64_t kc = std::min(KC, row - k0);
+          for (int64_t r = 0; r < kTileChannels; ++r) {
+            T* m = mixed.data() + r * KC;
+            if (r >= nr) {  // past the last output channel: zeros, the results dropped
+              std::fill(m, m + kc, T(0));
+              continue;
+            }
+            const T* e0 = experts + (oc0 + r) * row + k0;
+            const T a0 = a[0];
+#pragma omp simd
+            for (int64_t k = 0; k < kc; ++k) m[k] = a0 * e0[k];
+            for (int64_t e = 1; e < E; ++e) {
+              const T* ee = experts + (e * Co + oc0 + r) * row + k0;
+              const T ae = a[e];
+#pragma omp simd
+              for (int64_t k = 0; k < kc; ++k) m[k] += ae * ee[k];
+            }
+          }
+          const int64_t* off = offsets.data() + k0;
+          const bool first = k0 == 0;
+          int64_t v = 0;
+          for (; v + kTileVectors <= vectors; v += kTileVectors)
+            dense_tile<T, kTileVectors>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions,
+                                        first);
+          switch (vectors - v) {
+            case 3:
+              dense_tile<T, 3>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions, first);
+              break;
+            case 2:
+              dense_tile<T, 2>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions, first);
+              break;
+            case 1:
+              dense_tile<T, 1>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions, first);
+              break;
+            default:
+              break;
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          T shift = 0;
+          if (bias != nullptr)
+            for (int64_t e = 0; e < E; ++e) shift += a[e] * bias[e * Co + oc0 + r];
+          const T* src = acc.data() + r * padded_positions;
+          T* dst = ys + b * yst[0] + (oc0 + r) * yst[1];
+          for (int64_t d = 0; d < g.out[0]; ++d)
+            for (int64_t h = 0; h < g.out[1]; ++h) {
+              const T* srow = src + (d * g.padded[1] + h) * g.padded[2];
+              T* drow = dst + d * out_stride[0] + h * out_stride[1];
+              for (int64_t w = 0; w < g.out[2]; ++w) drow[w * out_stride[2]] = srow[w] + shift;
+            }
+        }
+      }
+    }
+  });
+}
+
+// Whether the experts (K, C_out, C_in, *kernel) lie channels_last: (K, C_out, *kernel, C_in) in memory.
+bool experts_taps_first(const at::Tensor& e) {
+  if (e.stride(2) != 1) return false;
+  int64_t expected = e.size(2);
+  for (int64_t dim = e.dim() - 1; dim >= 3; --dim) {
+    if (e.size(dim) != 1 && e.stride(dim) != expected) return false;
+    expected *= e.size(dim);
+  }
+  return (e.size(1) == 1 || e.stride(1) == expected) && (e.size(0) == 1 || e.stride(0) == expected * e.size(1));
+}
+
+// x (B, C_in, *spatial), any layout; experts (K, C_out, C_in, *kernel); attention (B, K); bias (K, C_out) or none.
+// Returns y (B, C_out, *out) in x's suggested memory format.
+at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& attention,
+                         const c10::optional<at::Tensor>& bias, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "dyconv dense kernel: x must be a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ",
+              x.device());
+  const int64_t rank = x.dim() - 2;
+  TORCH_CHECK(rank >= 1 && rank <= 3, "dyconv dense kernel: input must have 1 to 3 spatial dims, got ", rank);
+  TORCH_CHECK(experts.dim() == x.dim() + 1 && experts.size(2) == x.size(1),
+              "dyconv dense kernel: experts must be (K, C_out, C_in, *kernel) with C_in = ", x.size(1), ", got ",
+              experts.sizes());
+  TORCH_CHECK(static_cast<int64_t>(padding.size()) == rank && static_cast<int64_t>(dilation.size()) == rank,
+              "dyconv dense kernel: padding and dilation need one value per spatial dim");
+  const int64_t K = experts.size(0);
+  TORCH_CHECK(attention.dim() == 2 && attention.size(0) == x.size(0) && attention.size(1) == K,
+              "dyconv dense kernel: attention must be (", x.size(0), ", ", K, "), got ", attention.sizes());
+  DenseGeometry g;
+  g.batch = x.size(0);
+  g.in_channels = x.size(1);
+  g.out_channels = experts.size(1);
+  g.experts = K;
+  g.taps = 1;
+  for (int i = 0; i < 3; ++i) {
+    const int j = i - (3 - static_cast<int>(rank));  // the spatial dim, or < 0 for a filled-in one
+    g.in[i] = j < 0 ? 1 : x.size(2 + j);
+    g.kernel[i] = j < 0 ? 1 : experts.size(3 + j);
+    g.padding[i] = j < 0 ? 0 : padding[j];
+    g.dilation[i] = j < 0 ? 1 : dilation[j];
+    TORCH_CHECK(g.padding[i] >= 0 && g.dilation[i] >= 1, "dyconv dense kernel: bad padding ", padding,
+                " or dilation ", dilation);
+    g.padded[i] = g.in[i] + 2 * g.padding[i];
+    g.out[i] = g.padded[i] - g.dilation[i] * (g.kernel[i] - 1);
+    TORCH_CHECK(g.out[i] > 0, "dyconv dense kernel: the output would be empty (input ", g.in[i], ", kernel ",
+                g.kernel[i], ", padding ", g.padding[i], ", dilation ", g.dilation[i], ")");
+    g.taps *= g.kernel[i];
+  }
+  auto e = experts.to(x.scalar_type());
+  g.taps_first = !e.is_contiguous() && experts_taps_first(e);
+  if (!g.taps_first) e = e.contiguous();
+  auto a = attention.to(x.scalar_type()).contiguous();
+  at::Tensor bb;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == K && bias->size(1) == g.out_channels,
+                "dyconv dense kernel: bias must be (", K, ", ", g.out_channels, "), got ", bias->sizes());
+    bb = bias->to(x.scalar_type()).contiguous();
+  }
+  std::vector<int64_t> out_sizes{g.batch, g.out_channels};
+  for (int i = 3 - static_cast<int>(rank); i < 3; ++i) out_sizes.push_back(g.out[i]);
+  auto y = at::empty(out_sizes, x.options().memory_format(x.suggest_memory_format()));
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_dense_forward", [&] {
+    dense_run<scalar_t>(g, x, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+                        bb.defined() ? bb.data_ptr<scalar_t>() : nullptr, y);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dyconv_cpu, m) {
@@ -502,10 +779,15 @@ TORCH_LIBRARY(dyconv_cpu, m) {
         "int[] dilation, bool need_input, bool need_mixed) -> (Tensor, Tensor)");
   m.def("one_sample_mix(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
         "Tensor(a!) out, Tensor? bias) -> Tensor");
+  m.def("one_sample_attention(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale) -> Tensor");
+  m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
   m.impl("depthwise_forward", depthwise_forward);
   m.impl("depthwise_backward", depthwise_backward);
   m.impl("one_sample_mix", one_sample_mix);
+  m.impl("one_sample_attention", one_sample_attention);
+  m.impl("dense_forward", dense_forward);
 }
