@@ -1,0 +1,159 @@
+"""The compiled CPU kernel's ``"dense_kernel"`` strategy (``torch.ops.dyconv_cpu.dense_forward``: ungrouped stride-1
+layers, the mixing inside the convolution's tiles) against the per-sample ``nn.ConvNd`` reference in float64 over a
+grid of layers in 1-D, 2-D and 3-D, both memory formats of input and experts; in float32 on shapes that reach every
+tile and chunk boundary; its gradients (recomputed by "chunked"); when the layers pick it; its errors."""
+
+import pytest
+import torch
+
+from dyconv import DynamicConv2d, _cpu_kernel
+from dyconv.functional import select_strategy
+from reference import TOL, per_sample_reference
+from test_cpu_kernel import needs_kernel
+from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, run
+
+CASES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, dilation=2, padding=2),
+    dict(kernel_size=5, bias=False),
+    dict(kernel_size=2, padding="same", padding_mode="reflect"),  # asymmetric: padded before the kernel
+    dict(kernel_size=3, padding=1, padding_mode="circular"),
+    dict(kernel_size=1),
+]
+FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def layer_and_input(rank, case, batch, layout, in_channels=5, out_channels=7, dtype=torch.float64):
+    """A layer (7 output channels: one full block of the kernel's six and a partial one) and its input; with
+    ``layout="channels_last"`` (2-D and 3-D) both the input and the experts are channels_last."""
+    layer = LAYER[rank](in_channels, out_channels, **case, num_experts=3, temperature=2.0, dtype=dtype)
+    x = torch.randn(batch, in_channels, *SPATIAL[rank], dtype=dtype)
+    if layout == "channels_last":  # the experts as (K * C_out, C_in, *kernel) in the format (3-D: by hand)
+        w = layer.weight.detach()
+        layer.weight.data = w.flatten(0, 1).contiguous(memory_format=FORMATS[rank]).view(w.shape)
+        x = x.contiguous(memory_format=FORMATS[rank])
+    return layer, x
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference(rank, case, batch, layout):
+    if layout == "channels_last" and rank == 1:
+        pytest.skip("no channels_last format in 1-D")
+    layer, x = layer_and_input(rank, case, batch, layout)
+    if layout == "channels_last" and layer.weight[0, 0, 0].numel() > 1:
+        assert not layer.weight.is_contiguous()  # the experts' channels_last order is read as it is
+    x.requires_grad_()
+    out = run(layer, x, "dense_kernel")
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    if layer.padding_mode == "zeros":  # the input's memory format (F.pad's output may have another)
+        fmt = FORMATS[rank] if layout == "channels_last" else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt)
+    assert_gradients_match_loop(layer, x, out)  # backward: recomputed by the "chunked" strategy
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (1, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_every_tile_and_chunk(size, layout):
+    """float32 against the float64 reference where every boundary is reached: 96 x 9 kernel elements per output
+    channel (more than one buffer of mixed weights: 16 KB holds 682 per channel for six channels), 20 output
+    channels (three full blocks of six and a partial one), and positions (with the padded rows' extra columns)
+    that end on each kind of vector tile (16 floats per vector with AVX-512: 141, 61, 33, 22 and 1 positions are
+    9, 4, 3, 2 and 1 vectors)."""
+    layer = DynamicConv2d(96, 20, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
+    x = torch.randn(3, 96, *size, dtype=torch.float64)
+    expected = per_sample_reference(layer, x).float()
+    layer, x = layer.float(), x.float()
+    if layout == "channels_last":
+        layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(run(layer, x, "dense_kernel"), expected, **TOL[torch.float32])
+        if size[0] * size[1] <= _cpu_kernel.DENSE_MAX_POSITIONS:
+            torch.testing.assert_close(layer(x[:1]), expected[:1], **TOL[torch.float32])  # the batch-1 route
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_layers_pick_it_for_inference(rank):
+    layer, _ = layer_and_input(rank, CASES[0], 4, "contiguous")
+    # 40, 90 or 120 output positions: above the tiny outputs' rules, at most DENSE_MAX_POSITIONS
+    x = torch.randn(4, 5, *{1: (40,), 2: (9, 10), 3: (4, 5, 6)}[rank], dtype=torch.float64)
+    args = ([1] * rank, 1, layer.stride, layer.dilation)
+    assert select_strategy(x, layer.weight, *args) == "chunked"  # the experts need gradients
+    with torch.no_grad():
+        assert select_strategy(x, layer.weight, *args) == "dense_kernel"
+        assert select_strategy(x.float(), layer.weight.float(), *args) == "dense_kernel"
+        # not for 1x1 kernels, strided or grouped layers, one expert, larger outputs, float16, autocast, meta
+        one = torch.zeros(3, 7, 5, *[1] * rank, dtype=torch.float64)
+        assert select_strategy(x, one, [0] * rank, 1, layer.stride, layer.dilation) != "dense_kernel"
+        assert select_strategy(x, layer.weight, [1] * rank, 1, [2] * rank, layer.dilation) != "dense_kernel"
+        grouped = torch.zeros(3, 8, 1, *layer.kernel_size, dtype=torch.float64)
+        assert select_strategy(x, grouped, [1] * rank, 5, layer.stride, layer.dilation) != "dense_kernel"
+        assert select_strategy(x, layer.weight[:1], *args) != "dense_kernel"
+        large = torch.zeros(4, 5, *{1: (200,), 2: (15, 15), 3: (6, 6, 6)}[rank], dtype=torch.float64)  # > 196
+        assert select_strategy(large, layer.weight, *args) != "dense_kernel"
+        assert select_strategy(x.half(), layer.weight.half(), *args) != "dense_kernel"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert select_strategy(x, layer.weight, *args) != "dense_kernel"
+        assert select_strategy(x.to("meta"), layer.weight.to("meta"), *args) != "dense_kernel"
+        # and through the layer: the reference's values
+        torch.testing.assert_close(layer.eval()(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@needs_kernel
+def test_gradients_for_a_subset_of_inputs():
+    """Backward asked only for some inputs (frozen experts, an input without gradient) gives those, equal to the
+    reference's."""
+    layer, x = layer_and_input(2, CASES[0], 3, "contiguous")
+    layer.weight.requires_grad_(False)
+    out = run(layer, x, "dense_kernel")
+    ref = run(layer, x, "loop")
+    params = [layer.bias, *layer.router.parameters()]
+    for g, r in zip(torch.autograd.grad(out.sin().sum(), params), torch.autograd.grad(ref.sin().sum(), params)):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@needs_kernel
+def test_not_under_a_python_dispatch_mode():
+    """Under a Python dispatch mode (FlopCounterMode, which dyconv.profile uses) the layers keep to PyTorch
+    operators, whose FLOPs the mode sees, at any batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer, x = layer_and_input(2, CASES[0], 4, "contiguous")
+    layer.eval()
+    for batch in (1, 4):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            assert select_strategy(x, layer.weight, [1, 1], 1, layer.stride, layer.dilation) == "chunked"
+            layer(x[:batch])
+        # at least the convolution's 2 x 5 x 9 FLOPs per output element
+        assert counter.get_total_flops() >= 2 * 5 * 9 * batch * 7 * x[0, 0].numel()
+
+
+def test_errors_name_the_bad_value():
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="ungrouped stride-1 layer: got groups=2, stride=\\[1, 1\\]"):
+        run(DynamicConv2d(4, 8, 3, groups=2, num_experts=3), x, "dense_kernel")
+    with pytest.raises(ValueError, match="ungrouped stride-1 layer: got groups=1, stride=\\[2, 2\\]"):
+        run(DynamicConv2d(4, 8, 3, stride=2, num_experts=3), x, "dense_kernel")
+    with pytest.raises(ValueError, match="float32 or float64.*dtype=torch.float16"):
+        run(DynamicConv2d(4, 8, 3, num_experts=3).half(), x.half(), "dense_kernel")
+
+
+@needs_kernel
+def test_dense_forward_checks_its_arguments():
+    x, experts, attention = torch.randn(2, 4, 6, 6), torch.randn(3, 5, 4, 3, 3), torch.rand(2, 3)
+    assert torch.ops.dyconv_cpu.dense_forward(x, experts, attention, None, [1, 1], [1, 1]).shape == (2, 5, 6, 6)
+    with pytest.raises(RuntimeError, match="attention must be \\(2, 3\\), got \\[2, 4\\]"):
+        torch.ops.dyconv_cpu.dense_forward(x, experts, torch.rand(2, 4), None, [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="C_in = 4, got \\[3, 5, 2, 3, 3\\]"):
+        torch.ops.dyconv_cpu.dense_forward(x, experts[:, :, :2], attention, None, [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="bias must be \\(3, 5\\), got \\[3, 4\\]"):
+        torch.ops.dyconv_cpu.dense_forward(x, experts, attention, torch.randn(3, 4), [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="output would be empty \\(input 6, kernel 3, padding 0, dilation 4\\)"):
+        torch.ops.dyconv_cpu.dense_forward(x, experts, attention, None, [0, 0], [4, 4])
+    with pytest.raises(RuntimeError, match="float32 or float64 CPU tensor, got Half"):
+        torch.ops.dyconv_cpu.dense_forward(x.half(), experts, attention, None, [1, 1], [1, 1])
