@@ -60,7 +60,7 @@ def test_matches_reference(rank, case, batch, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_every_tile_and_chunk(size, layout):
     """float32 against the float64 reference where every boundary is reached: 96 x 9 kernel elements per output
-    channel (more than one buffer of mixed weights: 16 KB holds 682 per channel for six channels), 20 output
+    channel (more than one buffer of mixed weights: 8 KB holds 341 per channel for six channels), 20 output
     channels (three full blocks of six and a partial one), and positions (with the padded rows' extra columns)
     that end on each kind of vector tile (16 floats per vector with AVX-512: 141, 61, 33, 22 and 1 positions are
     9, 4, 3, 2 and 1 vectors)."""

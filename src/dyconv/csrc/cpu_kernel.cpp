@@ -548,7 +548,7 @@ struct Vec {
 
 constexpr int kTileChannels = 6;  // NR: output channels per register tile
 constexpr int kTileVectors = 4;   // MV: vectors of positions per register tile
-constexpr int64_t kMixedBytes = 16384;  // the mixed-kernel buffer of a block (NR x KC elements)
+constexpr int64_t kMixedBytes = 8192;  // the mixed-kernel buffer of a block (NR x KC elements)
 
 // out[r][j] = (first ? 0 : out[r][j]) + sum_k w[r * ldw + k] * x[off[k] + j], r < NR, j < MVn vectors
 template <typename T, int MVn>
