@@ -222,7 +222,16 @@ def conv_depthwise_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], att
 
 DENSE_MAX_POSITIONS = 196
 """The most output positions per sample for which :func:`dyconv.functional.select_strategy` takes
-``"dense_kernel"`` (14×14: the deep 3×3 layers of ResNets). Measured with ``benchmarks/strategies.py``: <figures>."""
+``"dense_kernel"`` at batch 1 (14×14: the deep 3×3 layers of ResNets), and at larger batches where one sample's kernel
+fills a chunk of ``"chunked"`` (``_chunked.FORWARD_CHUNK_ELEMENTS``, as 3×3 512->512 does), which then mixes and
+convolves one sample at a time."""
+
+DENSE_MAX_POSITIONS_BATCHED = 100
+"""The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise. At batch 32 (static = 1,
+2026-11-29, inference, float32): 3×3 256->256 @10 dense 1.92× against chunked 1.98×, @12 2.19× against 2.00×, @14
+1.54–1.73× against 1.44–1.56× (two runs of ``benchmarks/strategies.py --layers 256 512 --strategies chunked
+dense_kernel --repeats 15``); 384->384 @10 1.82× against 1.96×; 512->512 @10 1.90× against 3.04×, @7 2.07–2.40×
+against 4.07–4.29×."""
 
 
 @torch.jit.unused

@@ -359,12 +359,18 @@ def _experts_limits(device_type: str) -> List[int]:
 def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
                         groups: int) -> bool:
     """Where ``"dense_kernel"`` is the default: no gradient needed, more than one expert, a kernel larger than 1×1,
-    at most ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample, and the kernel applies."""
+    at most ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample (at batch > 1 at most
+    ``_cpu_kernel.DENSE_MAX_POSITIONS_BATCHED`` unless one sample's kernel fills a chunk of ``"chunked"``), and the
+    kernel applies."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     if weight.shape[0] == 1 or kernel_is_one(weight):
         return False
-    if output_positions(x, weight, stride, padding, dilation) > _cpu_kernel.DENSE_MAX_POSITIONS:
+    positions = output_positions(x, weight, stride, padding, dilation)
+    if positions > _cpu_kernel.DENSE_MAX_POSITIONS:
+        return False
+    large_kernel = weight[0].numel() >= _chunked.FORWARD_CHUNK_ELEMENTS  # "chunked" takes one sample at a time
+    if x.shape[0] > 1 and positions > _cpu_kernel.DENSE_MAX_POSITIONS_BATCHED and not large_kernel:
         return False
     return _cpu_kernel.dense_applies(x, weight, stride, groups)
 
@@ -379,7 +385,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1),
     ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
     depthwise layers on the CPU with channels_last float32/float64 input, where the compiled kernel could be
-    built: ``"depthwise_kernel"``; otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead:
+    built: ``"depthwise_kernel"``; without gradients, ungrouped stride-1 layers on the CPU (float32/float64) with
+    more than one expert, kernels larger than 1×1 and small outputs (``_dense_kernel_suits``): ``"dense_kernel"``;
+    otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead:
     ``"experts"`` for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output
     positions, else ``"chunked"``.
     While tracing, exporting or compiling, only strategies without batch-size constants qualify.
