@@ -2,16 +2,19 @@
 
     PYTHONPATH=src python benchmarks/strategies.py --device cuda --train   # behind the GPU rules (README "On a GPU")
     PYTHONPATH=src python benchmarks/strategies.py --layers 512 --train
+    PYTHONPATH=src python benchmarks/strategies.py --layers 256 512 --sizes 7 10 12 14 --strategies chunked dense_kernel
 
 For each layer shape of ``dyconv.benchmark.LAYER_SHAPES`` at batch 32 (inference at the listed size; with
 ``--train`` also the training step, forward and backward, at half of it): the static ``nn.Conv2d`` and the layer
 with each strategy forced (``"auto"`` is the layer's own choice), interleaved, medians in ms and as ratios to
-static. Fresh layers (K = 4), contiguous format.
+static. Fresh layers (K = 4), contiguous format. ``--sizes`` runs each chosen shape at these spatial sizes instead of its
+own (the rows named ``@size``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -69,10 +72,15 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", default=None, metavar="SUBSTRING")
     parser.add_argument("--strategies", nargs="*", default=[s for s in STRATEGIES if s != "loop"],
                         choices=STRATEGIES)
+    parser.add_argument("--sizes", nargs="*", type=int, default=None, metavar="N",
+                        help="spatial sizes to run each chosen shape at instead of its own")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [s for s in LAYER_SHAPES if args.layers is None or any(p in s.name for p in args.layers)]
+    if args.sizes:
+        shapes = [dataclasses.replace(s, name=f"{s.name.rsplit('@', 1)[0]}@{n}", size=n)
+                  for s in shapes for n in args.sizes]
     figures = ["inference"] + (["train"] if args.train else [])
     names = ["static", "auto"] + args.strategies
     print(f"device {args.device}, batch {args.batch}; ratio to static (static in ms)")

@@ -227,11 +227,11 @@ fills a chunk of ``"chunked"`` (``_chunked.FORWARD_CHUNK_ELEMENTS``, as 3×3 512
 convolves one sample at a time."""
 
 DENSE_MAX_POSITIONS_BATCHED = 100
-"""The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise. At batch 32 (static = 1,
-2026-11-29, inference, float32): 3×3 256->256 @10 dense 1.92× against chunked 1.98×, @12 2.19× against 2.00×, @14
-1.54–1.73× against 1.44–1.56× (two runs of ``benchmarks/strategies.py --layers 256 512 --strategies chunked
-dense_kernel --repeats 15``); 384->384 @10 1.82× against 1.96×; 512->512 @10 1.90× against 3.04×, @7 2.07–2.40×
-against 4.07–4.29×."""
+"""The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise. At batch 32, inference,
+float32, as ratios to static (``PYTHONPATH=src python benchmarks/strategies.py --layers 256 512 --sizes 7 10 12 14
+--strategies chunked dense_kernel``, 2026-11-29): 3×3 256->256 @7 / @10 / @12 / @14 dense 2.17× / 1.78× / 2.02× /
+1.38× against chunked 3.02× / 1.95× / 1.78× / 1.42× (an earlier run at 14²: 1.54–1.73× against 1.44–1.56×);
+512->512 dense 2.50× / 1.91× / 2.13× / 1.49× against 3.73× / 3.56× / 2.98× / 2.56×."""
 
 
 @torch.jit.unused
