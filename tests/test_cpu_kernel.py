@@ -80,8 +80,14 @@ def test_gradients_for_a_subset_of_inputs():
     """Backward asked only for some inputs (frozen experts, an input without gradient) gives those, equal to the
     reference's."""
     layer, x = layer_and_input(2, CASES[0], 3, "channels_last")
+    assert_frozen_experts_gradients_match_loop(layer, x, "depthwise_kernel")
+
+
+def assert_frozen_experts_gradients_match_loop(layer, x, strategy):
+    """With the experts frozen and ``x`` needing no gradient, ``strategy``'s gradients for the biases and the router
+    equal the ``"loop"`` strategy's."""
     layer.weight.requires_grad_(False)
-    out = run(layer, x, "depthwise_kernel")
+    out = run(layer, x, strategy)
     ref = run(layer, x, "loop")
     params = [layer.bias, *layer.router.parameters()]
     for g, r in zip(torch.autograd.grad(out.sin().sum(), params), torch.autograd.grad(ref.sin().sum(), params)):

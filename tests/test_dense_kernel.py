@@ -9,7 +9,7 @@ import torch
 from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.functional import select_strategy
 from reference import TOL, per_sample_reference
-from test_cpu_kernel import needs_kernel
+from test_cpu_kernel import assert_frozen_experts_gradients_match_loop, needs_kernel
 from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, run
 
 CASES = [
@@ -118,12 +118,7 @@ def test_gradients_for_a_subset_of_inputs():
     """Backward asked only for some inputs (frozen experts, an input without gradient) gives those, equal to the
     reference's."""
     layer, x = layer_and_input(2, CASES[0], 3, "contiguous")
-    layer.weight.requires_grad_(False)
-    out = run(layer, x, "dense_kernel")
-    ref = run(layer, x, "loop")
-    params = [layer.bias, *layer.router.parameters()]
-    for g, r in zip(torch.autograd.grad(out.sin().sum(), params), torch.autograd.grad(ref.sin().sum(), params)):
-        torch.testing.assert_close(g, r, **TOL[torch.float64])
+    assert_frozen_experts_gradients_match_loop(layer, x, "dense_kernel")
 
 
 @needs_kernel

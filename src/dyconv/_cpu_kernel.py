@@ -200,6 +200,18 @@ class _DepthwiseKernel(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_a, None, None, None
 
 
+def _kernel_arguments(strategy: str, x: Tensor, weight: Tensor,
+                      bias: Optional[Tensor]) -> "tuple[Tensor, Optional[Tensor]]":
+    """The checks both compiled strategies make (the CPU, float32 or float64, the kernel built), and the experts and
+    biases in ``x``'s dtype."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
+        raise ValueError(f"strategy '{strategy}' runs on the CPU in float32 or float64: got "
+                         f"device={x.device.type}, dtype={x.dtype}")
+    if not available():
+        raise RuntimeError(f"strategy '{strategy}': the compiled CPU kernel is not available ({unavailable_reason()})")
+    return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+
+
 @torch.jit.unused
 def conv_depthwise_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
                           padding: List[int], dilation: List[int], groups: int) -> Tensor:
@@ -208,14 +220,7 @@ def conv_depthwise_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], att
     if groups != x.shape[1] or weight.shape[1] != groups or weight.shape[2] != 1:
         raise ValueError("strategy 'depthwise_kernel' needs a depthwise layer (groups = input channels = output "
                          f"channels): got groups={groups}, input channels {x.shape[1]}, weight {tuple(weight.shape)}")
-    if x.device.type != "cpu" or x.dtype not in DTYPES:
-        raise ValueError("strategy 'depthwise_kernel' runs on the CPU in float32 or float64: got "
-                         f"device={x.device.type}, dtype={x.dtype}")
-    if not available():
-        raise RuntimeError("strategy 'depthwise_kernel': the compiled CPU kernel is not available ("
-                           f"{unavailable_reason()})")
-    weight = weight.to(x.dtype)
-    bias = bias.to(x.dtype) if bias is not None else None
+    weight, bias = _kernel_arguments("depthwise_kernel", x, weight, bias)
     return _DepthwiseKernel.apply(_channels_innermost(x), weight, bias, attention, list(stride), list(padding),
                                   list(dilation))
 
@@ -285,12 +290,5 @@ def conv_dense_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], attenti
     if groups != 1 or any(s != 1 for s in stride):
         raise ValueError("strategy 'dense_kernel' needs an ungrouped stride-1 layer: got groups="
                          f"{groups}, stride={list(stride)}")
-    if x.device.type != "cpu" or x.dtype not in DTYPES:
-        raise ValueError("strategy 'dense_kernel' runs on the CPU in float32 or float64: got "
-                         f"device={x.device.type}, dtype={x.dtype}")
-    if not available():
-        raise RuntimeError("strategy 'dense_kernel': the compiled CPU kernel is not available ("
-                           f"{unavailable_reason()})")
-    weight = weight.to(x.dtype)
-    bias = bias.to(x.dtype) if bias is not None else None
+    weight, bias = _kernel_arguments("dense_kernel", x, weight, bias)
     return _DenseKernel.apply(x, weight, bias, attention, list(padding), list(dilation))
