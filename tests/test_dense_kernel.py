@@ -56,6 +56,18 @@ def test_matches_reference(rank, case, batch, layout):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("num_experts", [1, 2, 4, 5])
+def test_expert_counts(rank, num_experts):
+    """Four experts (the paper's K) are mixed in one pass, other counts one pass per expert: both exact."""
+    layer = LAYER[rank](5, 7, 3, padding=1, num_experts=num_experts, temperature=2.0, dtype=torch.float64)
+    x = torch.randn(3, 5, *SPATIAL[rank], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(run(layer, x, "dense_kernel"), per_sample_reference(layer, x),
+                                   **TOL[torch.float64])
+
+
+@needs_kernel
 @pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_every_tile_and_chunk(size, layout):

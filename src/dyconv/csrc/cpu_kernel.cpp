@@ -573,6 +573,29 @@ inline void dense_tile(const T* w, int64_t ldw, const T* x, const int64_t* off, 
     for (int j = 0; j < MVn; ++j) *reinterpret_cast<U*>(out + r * ldo + j * L) = acc[r][j];
 }
 
+// m[k] = sum_e a[e] * rows[e][k], k < kc: four experts (the paper's K) in one pass, one store per element;
+// other counts one pass per expert
+template <typename T>
+inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t kc) {
+  if (E == 4) {
+    const T *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+    const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+    for (int64_t k = 0; k < kc; ++k) m[k] = a0 * r0[k] + a1 * r1[k] + a2 * r2[k] + a3 * r3[k];
+    return;
+  }
+  const T a0 = a[0];
+  const T* r0 = rows[0];
+#pragma omp simd
+  for (int64_t k = 0; k < kc; ++k) m[k] = a0 * r0[k];
+  for (int64_t e = 1; e < E; ++e) {
+    const T ae = a[e];
+    const T* re = rows[e];
+#pragma omp simd
+    for (int64_t k = 0; k < kc; ++k) m[k] += ae * re[k];
+  }
+}
+
 struct DenseGeometry {
   int64_t batch, in_channels, out_channels, experts, taps;
   int64_t in[3], out[3], kernel[3], padding[3], dilation[3], padded[3];
@@ -638,56 +661,54 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   const int64_t blocks = (Co + kTileChannels - 1) / kTileChannels;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> mixed(kTileChannels * KC);
-    std::vector<T> acc(kTileChannels * padded_positions);
+    std::vector<const T*> rows(E);
+    // every sample's partial sums for the block: the loop over samples is inside the loop over kernel elements, so
+    // that a buffer's worth of the block's experts is read from L2 once for the whole batch and stays in L1
+    std::vector<T> acc(g.batch * kTileChannels * padded_positions);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t oc0 = blk * kTileChannels, nr = std::min<int64_t>(kTileChannels, Co - oc0);
-      for (int64_t b = 0; b < g.batch; ++b) {
-        const T* a = attention + b * E;
-        const T* xb = xp + b * sample;
-        for (int64_t k0 = 0; k0 < row; k0 += KC) {
-          const int64_t kc = std::min(KC, row - k0);
+      for (int64_t k0 = 0; k0 < row; k0 += KC) {
+        const int64_t kc = std::min(KC, row - k0);
+        const int64_t* off = offsets.data() + k0;
+        const bool first = k0 == 0;
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const T* a = attention + b * E;
           for (int64_t r = 0; r < kTileChannels; ++r) {
             T* m = mixed.data() + r * KC;
             if (r >= nr) {  // past the last output channel: zeros, the results dropped
               std::fill(m, m + kc, T(0));
               continue;
             }
-            const T* e0 = experts + (oc0 + r) * row + k0;
-            const T a0 = a[0];
-#pragma omp simd
-            for (int64_t k = 0; k < kc; ++k) m[k] = a0 * e0[k];
-            for (int64_t e = 1; e < E; ++e) {
-              const T* ee = experts + (e * Co + oc0 + r) * row + k0;
-              const T ae = a[e];
-#pragma omp simd
-              for (int64_t k = 0; k < kc; ++k) m[k] += ae * ee[k];
-            }
+            for (int64_t e = 0; e < E; ++e) rows[e] = experts + (e * Co + oc0 + r) * row + k0;
+            mix_row<T>(m, rows.data(), a, E, kc);
           }
-          const int64_t* off = offsets.data() + k0;
-          const bool first = k0 == 0;
+          const T* xb = xp + b * sample;
+          T* out = acc.data() + b * kTileChannels * padded_positions;
           int64_t v = 0;
           for (; v + kTileVectors <= vectors; v += kTileVectors)
-            dense_tile<T, kTileVectors>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions,
-                                        first);
+            dense_tile<T, kTileVectors>(mixed.data(), KC, xb + v * L, off, kc, out + v * L, padded_positions, first);
           switch (vectors - v) {
             case 3:
-              dense_tile<T, 3>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions, first);
+              dense_tile<T, 3>(mixed.data(), KC, xb + v * L, off, kc, out + v * L, padded_positions, first);
               break;
             case 2:
-              dense_tile<T, 2>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions, first);
+              dense_tile<T, 2>(mixed.data(), KC, xb + v * L, off, kc, out + v * L, padded_positions, first);
               break;
             case 1:
-              dense_tile<T, 1>(mixed.data(), KC, xb + v * L, off, kc, acc.data() + v * L, padded_positions, first);
+              dense_tile<T, 1>(mixed.data(), KC, xb + v * L, off, kc, out + v * L, padded_positions, first);
               break;
             default:
               break;
           }
         }
+      }
+      for (int64_t b = 0; b < g.batch; ++b) {
+        const T* a = attention + b * E;
         for (int64_t r = 0; r < nr; ++r) {
           T shift = 0;
           if (bias != nullptr)
             for (int64_t e = 0; e < E; ++e) shift += a[e] * bias[e * Co + oc0 + r];
-          const T* src = acc.data() + r * padded_positions;
+          const T* src = acc.data() + (b * kTileChannels + r) * padded_positions;
           T* dst = ys + b * yst[0] + (oc0 + r) * yst[1];
           for (int64_t d = 0; d < g.out[0]; ++d)
             for (int64_t h = 0; h < g.out[1]; ++h) {
