@@ -234,9 +234,9 @@ convolves one sample at a time."""
 DENSE_MAX_POSITIONS_BATCHED = 100
 """The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise. At batch 32, inference,
 float32, as ratios to static (``PYTHONPATH=src python benchmarks/strategies.py --layers 256 512 --sizes 7 10 12 14
---strategies chunked dense_kernel``, 2026-11-29): 3×3 256->256 @7 / @10 / @12 / @14 dense 2.17× / 1.78× / 2.02× /
-1.38× against chunked 3.02× / 1.95× / 1.78× / 1.42× (an earlier run at 14²: 1.54–1.73× against 1.44–1.56×);
-512->512 dense 2.50× / 1.91× / 2.13× / 1.49× against 3.73× / 3.56× / 2.98× / 2.56×."""
+--strategies chunked dense_kernel``, 2026-11-29 at 94afbe2): 3×3 256->256 @7 / @10 / @12 / @14 dense 2.24× / 2.04× /
+1.65× / 1.58× against chunked 3.59× / 2.23× / 1.53× / 1.53×; 512->512 dense 2.08× / 1.87× / 2.02× / 1.73× against
+3.70× / 3.05× / 2.63× / 2.92×."""
 
 
 @torch.jit.unused

@@ -526,10 +526,10 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
 // vectors. Positions with ow >= OW or oh >= OH are computed too and dropped (the price of the shift; the padded
 // planes carry enough slack that those reads stay inside the buffer).
 //
-// Work is split over blocks of NR output channels. For each block the K experts' rows (NR x C_in x taps per
-// expert) are read once per sample from L2 (the block's experts stay there while its samples pass), mixed KC
-// kernel elements at a time into a small buffer (the mixed kernel is never written out whole), and used at once by
-// every position of the sample. The kernel element order k is the experts' own memory order (input channel then tap
+// Work is split over blocks of NR output channels. For each block, KC kernel elements at a time, the K experts'
+// rows are read from L2 once for the whole batch and mixed for each sample in turn (from L1) into a small buffer
+// (the mixed kernel is never written out whole), used at once by every position of that sample; each sample's
+// partial sums for the block wait in a buffer between the KC steps. The kernel element order k is the experts' own memory order (input channel then tap
 // for contiguous experts, tap then input channel for channels_last ones), so each expert row is read contiguously;
 // a table gives each k's input offset.
 
