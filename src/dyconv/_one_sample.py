@@ -42,7 +42,7 @@ class _Plan:
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
                  "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
-                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "dense")
+                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
@@ -78,11 +78,7 @@ class _Plan:
         self.flat, self.bias_d = flat, None if bias is None else bias.detach()
         self.compiled = (self.out is not None and self.rows is None and flat.is_contiguous()
                          and _cpu_kernel.one_sample_mix_applies(self.w1, self.b1, self.w2, self.b2, self.bias_d))
-        # ungrouped stride-1 layers with kernels larger than 1x1: the attention, then the compiled kernel that mixes
-        # inside the convolution's tiles (dyconv._cpu_kernel.dense_forward), for outputs of at most
-        # _cpu_kernel.DENSE_MAX_POSITIONS positions (checked per call)
-        self.experts = experts
-        self.dense = self.compiled and experts.shape[0] > 1 and experts.shape[3:].numel() > 1
+        self.experts = experts  # for the compiled kernel that mixes inside the convolution's tiles
 
     def matches(self, layer: nn.Module, weight: Tensor, state) -> bool:
         params = layer._parameters
@@ -160,17 +156,6 @@ def _plan(layer: nn.Module) -> Optional[_Plan]:
     return plan
 
 
-def _dense_output(x: Tensor, experts: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> bool:
-    """Stride 1 and at most ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions: where the layers take
-    ``"dense_kernel"`` (``dyconv.functional.select_strategy``)."""
-    positions = 1
-    for i, s in enumerate(stride):
-        if s != 1:
-            return False
-        positions *= x.shape[2 + i] + 2 * padding[i] - dilation[i] * (experts.shape[3 + i] - 1)
-    return positions <= _cpu_kernel.DENSE_MAX_POSITIONS
-
-
 def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], dilation: List[int],
           groups: int) -> Optional[Tensor]:
     """The layer's output for the one-sample batch ``x`` ``(1, C_in, *spatial)``, or ``None`` where this path
@@ -189,7 +174,9 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
         scale = plan.inverse_temperature
         if scale is None:
             scale = 1.0 / float(plan.temperature)
-        if plan.dense and groups == 1 and _dense_output(x, plan.experts, stride, padding, dilation):
+        # where the layers take "dense_kernel" (ungrouped stride-1 layers, kernels larger than 1x1, small outputs):
+        # the attention, then the compiled kernel that mixes inside the convolution's tiles
+        if functional._dense_kernel_suits(x, plan.experts, stride, padding, dilation, groups):
             attention = torch.ops.dyconv_cpu.one_sample_attention(x, plan.w1, plan.b1, plan.w2, plan.b2, scale)
             return torch.ops.dyconv_cpu.dense_forward(x, plan.experts, attention, plan.bias_d, padding, dilation)
         mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,

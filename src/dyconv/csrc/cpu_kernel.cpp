@@ -44,10 +44,10 @@ std::vector<int64_t> three(const std::vector<int64_t>& v, int64_t fill) {
 Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                   at::IntArrayRef dilation) {
   const int64_t rank = x.dim() - 2;
-  TORCH_CHECK(rank >= 1 && rank <= 3, "dyconv depthwise kernel: input must have 1 to 3 spatial dims, got ", rank);
+  TORCH_CHECK(rank >= 1 && rank <= 3, "dyconv kernel: input must have 1 to 3 spatial dims, got ", rank);
   TORCH_CHECK(static_cast<int64_t>(kernel.size()) == rank && static_cast<int64_t>(stride.size()) == rank &&
                   static_cast<int64_t>(padding.size()) == rank && static_cast<int64_t>(dilation.size()) == rank,
-              "dyconv depthwise kernel: kernel, stride, padding and dilation need one value per spatial dim");
+              "dyconv kernel: kernel, stride, padding and dilation need one value per spatial dim");
   Geometry g;
   g.batch = x.size(0);
   g.channels = x.size(1);
@@ -61,7 +61,7 @@ Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef s
     g.padding[i] = p[i];
     g.dilation[i] = d[i];
     g.out[i] = (in[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) / s[i] + 1;
-    TORCH_CHECK(g.out[i] > 0, "dyconv depthwise kernel: the output would be empty (input ", in[i], ", kernel ",
+    TORCH_CHECK(g.out[i] > 0, "dyconv kernel: the output would be empty (input ", in[i], ", kernel ",
                 k[i], ", padding ", p[i], ", dilation ", d[i], ")");
   }
   return g;
@@ -596,14 +596,15 @@ inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t k
   }
 }
 
-struct DenseGeometry {
-  int64_t batch, in_channels, out_channels, experts, taps;
-  int64_t in[3], out[3], kernel[3], padding[3], dilation[3], padded[3];
+// Geometry's channels are the input channels here; stride is 1
+struct DenseGeometry : Geometry {
+  int64_t out_channels, experts;
+  int64_t padded[3];
   bool taps_first;  // the experts' kernel element order: (tap, channel) for channels_last experts
   int64_t plane() const { return padded[0] * padded[1] * padded[2]; }
   // positions computed per sample: up to the last output position's index in the padded volume
   int64_t positions() const { return ((out[0] - 1) * padded[1] + out[1] - 1) * padded[2] + out[2]; }
-  int64_t row() const { return in_channels * taps; }  // one output channel's kernel elements
+  int64_t row() const { return channels * taps(); }  // one output channel's kernel elements
 };
 
 template <typename T>
@@ -611,7 +612,7 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
                const at::Tensor& y) {
   constexpr int L = Vec<T>::lanes;
   const int64_t vectors = (g.positions() + L - 1) / L, padded_positions = vectors * L;
-  const int64_t plane = g.plane(), sample = g.in_channels * plane, row = g.row();
+  const int64_t plane = g.plane(), sample = g.channels * plane, row = g.row();
   const int64_t max_offset =
       ((g.kernel[0] - 1) * g.dilation[0] * g.padded[1] + (g.kernel[1] - 1) * g.dilation[1]) * g.padded[2] +
       (g.kernel[2] - 1) * g.dilation[2];
@@ -623,9 +624,9 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   const int rank = x.dim() - 2;
   int64_t in_stride[3] = {0, 0, 0};  // x's strides as (d, h, w)
   for (int i = 0; i < rank; ++i) in_stride[3 - rank + i] = xst[2 + i];
-  at::parallel_for(0, g.batch * g.in_channels, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * g.channels, 8, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / g.in_channels, c = bc % g.in_channels;
+      const int64_t b = bc / g.channels, c = bc % g.channels;
       T* dst = xp + bc * plane;
       std::fill(dst, dst + plane, T(0));
       const T* src = xs + b * xst[0] + c * xst[1];
@@ -643,12 +644,12 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   });
   std::fill(xp + g.batch * sample, xp + padded.numel(), T(0));
   std::vector<int64_t> offsets(row);
-  for (int64_t c = 0; c < g.in_channels; ++c)
+  for (int64_t c = 0; c < g.channels; ++c)
     for (int64_t kd = 0; kd < g.kernel[0]; ++kd)
       for (int64_t kh = 0; kh < g.kernel[1]; ++kh)
         for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
           const int64_t tap = (kd * g.kernel[1] + kh) * g.kernel[2] + kw;
-          const int64_t k = g.taps_first ? tap * g.in_channels + c : c * g.taps + tap;
+          const int64_t k = g.taps_first ? tap * g.channels + c : c * g.taps() + tap;
           offsets[k] = c * plane + (kd * g.dilation[0] * g.padded[1] + kh * g.dilation[1]) * g.padded[2] +
                        kw * g.dilation[2];
         }
@@ -741,35 +742,20 @@ at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& experts, const a
               "dyconv dense kernel: x must be a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ",
               x.device());
   const int64_t rank = x.dim() - 2;
-  TORCH_CHECK(rank >= 1 && rank <= 3, "dyconv dense kernel: input must have 1 to 3 spatial dims, got ", rank);
   TORCH_CHECK(experts.dim() == x.dim() + 1 && experts.size(2) == x.size(1),
               "dyconv dense kernel: experts must be (K, C_out, C_in, *kernel) with C_in = ", x.size(1), ", got ",
               experts.sizes());
-  TORCH_CHECK(static_cast<int64_t>(padding.size()) == rank && static_cast<int64_t>(dilation.size()) == rank,
-              "dyconv dense kernel: padding and dilation need one value per spatial dim");
   const int64_t K = experts.size(0);
   TORCH_CHECK(attention.dim() == 2 && attention.size(0) == x.size(0) && attention.size(1) == K,
               "dyconv dense kernel: attention must be (", x.size(0), ", ", K, "), got ", attention.sizes());
-  DenseGeometry g;
-  g.batch = x.size(0);
-  g.in_channels = x.size(1);
+  DenseGeometry g;  // (checks the rank and that padding and dilation have one value per spatial dim)
+  static_cast<Geometry&>(g) = geometry(x, experts.sizes().slice(3), std::vector<int64_t>(rank, 1), padding, dilation);
+  for (int64_t i = 0; i < rank; ++i)
+    TORCH_CHECK(padding[i] >= 0 && dilation[i] >= 1, "dyconv dense kernel: bad padding ", padding, " or dilation ",
+                dilation);
   g.out_channels = experts.size(1);
   g.experts = K;
-  g.taps = 1;
-  for (int i = 0; i < 3; ++i) {
-    const int j = i - (3 - static_cast<int>(rank));  // the spatial dim, or < 0 for a filled-in one
-    g.in[i] = j < 0 ? 1 : x.size(2 + j);
-    g.kernel[i] = j < 0 ? 1 : experts.size(3 + j);
-    g.padding[i] = j < 0 ? 0 : padding[j];
-    g.dilation[i] = j < 0 ? 1 : dilation[j];
-    TORCH_CHECK(g.padding[i] >= 0 && g.dilation[i] >= 1, "dyconv dense kernel: bad padding ", padding,
-                " or dilation ", dilation);
-    g.padded[i] = g.in[i] + 2 * g.padding[i];
-    g.out[i] = g.padded[i] - g.dilation[i] * (g.kernel[i] - 1);
-    TORCH_CHECK(g.out[i] > 0, "dyconv dense kernel: the output would be empty (input ", g.in[i], ", kernel ",
-                g.kernel[i], ", padding ", g.padding[i], ", dilation ", g.dilation[i], ")");
-    g.taps *= g.kernel[i];
-  }
+  for (int i = 0; i < 3; ++i) g.padded[i] = g.in[i] + 2 * g.padding[i];
   auto e = experts.to(x.scalar_type());
   g.taps_first = !e.is_contiguous() && experts_taps_first(e);
   if (!g.taps_first) e = e.contiguous();
