@@ -174,9 +174,10 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
         scale = plan.inverse_temperature
         if scale is None:
             scale = 1.0 / float(plan.temperature)
-        # where the layers take "dense_kernel" (ungrouped stride-1 layers, kernels larger than 1x1, small outputs):
-        # the attention, then the compiled kernel that mixes inside the convolution's tiles
-        if functional._dense_kernel_suits(x, plan.experts, stride, padding, dilation, groups):
+        # where the layers take "dense_kernel" (ungrouped stride-1 layers, kernels larger than 1x1, small outputs;
+        # grouped layers, MobileNetV2's many depthwise ones, skip the rule's work): the attention, then the compiled
+        # kernel that mixes inside the convolution's tiles
+        if groups == 1 and functional._dense_kernel_suits(x, plan.experts, stride, padding, dilation, groups):
             attention = torch.ops.dyconv_cpu.one_sample_attention(x, plan.w1, plan.b1, plan.w2, plan.b2, scale)
             return torch.ops.dyconv_cpu.dense_forward(x, plan.experts, attention, plan.bias_d, padding, dilation)
         mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,
