@@ -1,7 +1,9 @@
 """The compiled CPU kernel's ``"dense_kernel"`` strategy (``torch.ops.dyconv_cpu.dense_forward``: ungrouped stride-1
 layers, the mixing inside the convolution's tiles) against the per-sample ``nn.ConvNd`` reference in float64 over a
-grid of layers in 1-D, 2-D and 3-D, both memory formats of input and experts; in float32 on shapes that reach every
-tile and chunk boundary; its gradients (recomputed by "chunked"); when the layers pick it; its errors."""
+grid of layers in 1-D, 2-D and 3-D, both memory formats of input and experts, with its gradients
+(``torch.ops.dyconv_cpu.dense_backward``; recomputed by "chunked" where the padding exceeds the kernel's reach); in
+float32 on shapes that reach every tile and chunk boundary, forward and backward; when the layers pick it; its
+errors."""
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ CASES = [
     dict(kernel_size=2, padding="same", padding_mode="reflect"),  # asymmetric: padded before the kernel
     dict(kernel_size=3, padding=1, padding_mode="circular"),
     dict(kernel_size=1),
+    dict(kernel_size=3, padding=3),  # beyond the kernel's reach: backward recomputed by "chunked"
 ]
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -52,7 +55,7 @@ def test_matches_reference(rank, case, batch, layout):
     if layer.padding_mode == "zeros":  # the input's memory format (F.pad's output may have another)
         fmt = FORMATS[rank] if layout == "channels_last" else torch.contiguous_format
         assert out.is_contiguous(memory_format=fmt)
-    assert_gradients_match_loop(layer, x, out)  # backward: recomputed by the "chunked" strategy
+    assert_gradients_match_loop(layer, x, out)
 
 
 @needs_kernel
@@ -89,13 +92,46 @@ def test_float32_every_tile_and_chunk(size, layout):
 
 
 @needs_kernel
+@pytest.mark.parametrize("size", [(13, 11), (7, 7), (4, 4), (3, 3), (2, 1), (1, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_gradients_every_tile_and_chunk(size, layout):
+    """Backward in float32 against the float64 reference's gradients where every boundary of its loops is reached:
+    70 channels in and out (with AVX-512 one full block of 64 channels and a partial one, in both directions), 630
+    kernel rows per output channel (six full tasks of 96 and a partial one, groups of 12, tiles of 6), and positions
+    that end on each size of the position tile (143, 49, 16, 9, 2 and 1 positions: 5, 1, 4, 3, 2 and 1 left over
+    after tiles of 6)."""
+    layer = DynamicConv2d(70, 70, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
+    x = torch.randn(3, 70, *size, dtype=torch.float64, requires_grad=True)
+    expected_out = run(layer, x, "loop")
+    grad_out = torch.randn_like(expected_out)
+    expected = torch.autograd.grad(expected_out, [x, layer.weight, layer.bias], grad_out)
+    layer32 = layer.float()
+    x32 = x.detach().float()
+    if layout == "channels_last":
+        layer32, x32 = layer32.to(memory_format=torch.channels_last), x32.contiguous(memory_format=torch.channels_last)
+    x32.requires_grad_()
+    out = run(layer32, x32, "dense_kernel")
+    got = torch.autograd.grad(out, [x32, layer32.weight, layer32.bias], grad_out.float())
+    for g, e in zip(got, expected):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("rank", [1, 2, 3])
-def test_layers_pick_it_for_inference(rank):
+def test_layers_pick_it(rank):
     layer, _ = layer_and_input(rank, CASES[0], 4, "contiguous")
     # 40, 90 or 80 output positions: above the tiny outputs' rules, at most DENSE_MAX_POSITIONS_BATCHED
     x = torch.randn(4, 5, *{1: (40,), 2: (9, 10), 3: (4, 5, 4)}[rank], dtype=torch.float64)
     args = ([1] * rank, 1, layer.stride, layer.dilation)
-    assert select_strategy(x, layer.weight, *args) == "chunked"  # the experts need gradients
+    # with gradients: at batch > 1, where the padding is within the kernel's reach
+    assert select_strategy(x, layer.weight, *args) == "dense_kernel"
+    assert select_strategy(x[:1], layer.weight, *args) == "chunked"
+    wide_padding = ([3] + [1] * (rank - 1), 1, layer.stride, layer.dilation)  # 44, 80 or 100 output positions
+    padded = torch.randn(4, 5, *{1: (40,), 2: (4, 10), 3: (1, 5, 4)}[rank], dtype=torch.float64, requires_grad=True)
+    assert select_strategy(padded, layer.weight, *wide_padding) == "chunked"
+    with torch.no_grad():
+        assert select_strategy(padded, layer.weight, *wide_padding) == "dense_kernel"
     with torch.no_grad():
         assert select_strategy(x, layer.weight, *args) == "dense_kernel"
         assert select_strategy(x.float(), layer.weight.float(), *args) == "dense_kernel"
@@ -173,3 +209,18 @@ def test_dense_forward_checks_its_arguments():
         torch.ops.dyconv_cpu.dense_forward(x, experts, attention, None, [0, 0], [4, 4])
     with pytest.raises(RuntimeError, match="float32 or float64 CPU tensor, got Half"):
         torch.ops.dyconv_cpu.dense_forward(x.half(), experts, attention, None, [1, 1], [1, 1])
+
+
+@needs_kernel
+def test_dense_backward_checks_its_arguments():
+    x, experts, attention = torch.randn(2, 4, 6, 6), torch.randn(3, 5, 4, 3, 3), torch.rand(2, 3)
+    grad_y = torch.randn(2, 5, 6, 6)
+    gx, ge, ga = torch.ops.dyconv_cpu.dense_backward(grad_y, x, experts, attention, [1, 1], [1, 1], True, True)
+    assert (gx.shape, ge.shape, ga.shape) == (x.shape, experts.shape, attention.shape)
+    with pytest.raises(RuntimeError, match="grad_y must be \\[2, 5, 6, 6\\], got \\[2, 5, 4, 4\\]"):
+        torch.ops.dyconv_cpu.dense_backward(grad_y[:, :, :4, :4], x, experts, attention, [1, 1], [1, 1], True, True)
+    with pytest.raises(RuntimeError, match="padding <= dilation \\* \\(kernel - 1\\), got padding \\[3, 3\\]"):
+        torch.ops.dyconv_cpu.dense_backward(torch.randn(2, 5, 10, 10), x, experts, attention, [3, 3], [1, 1], True,
+                                            False)
+    with pytest.raises(RuntimeError, match="attention must be \\(2, 3\\), got \\[2, 4\\]"):
+        torch.ops.dyconv_cpu.dense_backward(grad_y, x, experts, torch.rand(2, 4), [1, 1], [1, 1], True, True)

@@ -11,14 +11,17 @@
 * Batch-1 inference of every layer (:mod:`dyconv._one_sample`): ``torch.ops.dyconv_cpu.one_sample_mix`` computes
   the attention (input sum, the two linear layers, ReLU, softmax with the temperature) and mixes the kernel into
   the thread's workspace in one call, where PyTorch operators take six.
-* The ``"dense_kernel"`` strategy: ungrouped stride-1 layers with zero padding, inference.
+* The ``"dense_kernel"`` strategy: ungrouped stride-1 layers with zero padding.
   ``torch.ops.dyconv_cpu.dense_forward`` mixes each sample's kernel inside the convolution's own tiles (a few
   output channels and a few hundred kernel elements at a time, into a buffer that stays in L1), so the per-sample
   kernels are never written to memory: at batch 32 the other strategies write and read back ``batch × kernel
-  size`` per layer, 302 MB for a 3×3 512->512 layer. Its convolution is a plain register-tiled loop, slower than
-  oneDNN's per FLOP, so :func:`dyconv.functional.select_strategy` takes it only for small outputs (deep 3×3 layers),
-  where streaming the kernels is what costs. Gradients are correct but not cheap: backward recomputes the layer
-  with the ``"chunked"`` strategy (the selection takes it only where no gradient is needed).
+  size`` per layer, 302 MB for a 3×3 512->512 layer. ``dense_backward`` does the same for the gradients: the input
+  gradient is the same kind of loop over the output gradient with the experts transposed and their taps flipped,
+  and each sample's kernel gradient is computed a register tile at a time and folded at once into the experts'
+  gradients (``sum_b a[b, k] dW_b``) and the attention's (``<dW_b, W_k>``), never written whole either. Its
+  convolution is a plain register-tiled loop, slower than oneDNN's per FLOP, so
+  :func:`dyconv.functional.select_strategy` takes it only for small outputs (deep 3×3 layers), where streaming the
+  kernels is what costs.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency,
 are needed; ``-march=native``, so the build's name carries a digest of the CPU's flags, and one of the source) and
@@ -266,20 +269,48 @@ class _DenseKernel(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        # recompute the layer with the "chunked" strategy and take its gradients (the selection takes this strategy
-        # only where no gradient is needed; called directly, it stays correct)
-        saved = list(ctx.saved_tensors)
-        if not ctx.has_bias:
-            saved[2] = None
+        x, weight, bias, attention = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
         padding, dilation = ctx.conv_args
-        inputs = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(saved, ctx.needs_input_grad[:4])]
-        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if t is not None and need]
-        with torch.enable_grad():
-            out = conv_chunked(inputs[0], inputs[1], inputs[2], inputs[3], [1] * len(padding), padding, dilation, 1)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        result = [next(grads) if t is not None and need else None for t, need in zip(inputs, ctx.needs_input_grad[:4])]
-        return result[0], result[1], result[2], result[3], None, None
+        need_x, need_w, need_b, need_a = ctx.needs_input_grad[:4]
+        if not dense_backward_applies(weight, padding, dilation):
+            return _recomputed_gradients(ctx, grad_out)
+        grad_out = grad_out.to(x.dtype)
+        grad_x, grad_weight, grad_a = torch.ops.dyconv_cpu.dense_backward(grad_out, x, weight, attention, padding,
+                                                                          dilation, need_x, need_w or need_a)
+        grad_bias = None
+        if bias is not None and (need_b or need_a):
+            g_bias = grad_out.sum(list(range(2, grad_out.dim())))
+            if need_b:
+                grad_bias = torch.mm(attention.to(x.dtype).t(), g_bias)
+            if need_a:
+                grad_a = grad_a + torch.mm(g_bias, bias.t())
+        return (grad_x if need_x else None, grad_weight if need_w else None, grad_bias,
+                grad_a.to(attention.dtype) if need_a else None, None, None)
+
+
+def dense_backward_applies(weight: Tensor, padding: List[int], dilation: List[int]) -> bool:
+    """Whether ``torch.ops.dyconv_cpu.dense_backward`` computes this layer's gradients: its input gradient is a
+    convolution of the output gradient with padding ``dilation * (kernel - 1) - padding``, which must not be
+    negative (padding larger than the kernel's reach: the layer's gradients are recomputed with ``"chunked"``)."""
+    kernel = weight.shape[3:]
+    return all(p <= d * (k - 1) for p, d, k in zip(padding, dilation, kernel))
+
+
+def _recomputed_gradients(ctx, grad_out: Tensor):
+    """The gradients of a ``_DenseKernel`` call from the layer recomputed with the ``"chunked"`` strategy."""
+    saved = list(ctx.saved_tensors)
+    if not ctx.has_bias:
+        saved[2] = None
+    padding, dilation = ctx.conv_args
+    inputs = [None if t is None else t.detach().requires_grad_(need)
+              for t, need in zip(saved, ctx.needs_input_grad[:4])]
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if t is not None and need]
+    with torch.enable_grad():
+        out = conv_chunked(inputs[0], inputs[1], inputs[2], inputs[3], [1] * len(padding), padding, dilation, 1)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out))
+    result = [next(grads) if t is not None and need else None for t, need in zip(inputs, ctx.needs_input_grad[:4])]
+    return result[0], result[1], result[2], result[3], None, None
 
 
 @torch.jit.unused

@@ -39,13 +39,13 @@ Strategies (all give the same numbers up to floating-point rounding):
     sample's kernel and convolves in one pass, with its own backward (see :mod:`dyconv._cpu_kernel`). The default
     for such layers in eager mode where the kernel could be built.
 ``"dense_kernel"``
-    Ungrouped stride-1 layers on the CPU (float32, float64), inference: a compiled kernel that mixes each sample's
-    kernel inside the convolution's tiles, never writing it whole (see :mod:`dyconv._cpu_kernel`). The default in
-    eager mode without gradients for kernels larger than 1×1 with small outputs. Its backward recomputes the layer
-    with ``"chunked"``.
+    Ungrouped stride-1 layers on the CPU (float32, float64): a compiled kernel that mixes each sample's kernel
+    inside the convolution's tiles, never writing it whole, and a backward that does the same for the input gradient
+    and folds each sample's kernel gradient into the experts' tile by tile (see :mod:`dyconv._cpu_kernel`). The
+    default in eager mode for kernels larger than 1×1 with small outputs (with gradients: at batch > 1).
 
-Only ``"chunked"`` and ``"depthwise_kernel"`` bound training memory; the other strategies leave backward to
-autograd, which keeps every sample's mixed kernel until backward.
+Only ``"chunked"``, ``"depthwise_kernel"`` and ``"dense_kernel"`` bound training memory; the other strategies leave
+backward to autograd, which keeps every sample's mixed kernel until backward.
 """
 
 from __future__ import annotations
@@ -358,14 +358,16 @@ def _experts_limits(device_type: str) -> List[int]:
 @torch.jit.unused
 def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
                         groups: int) -> bool:
-    """Where ``"dense_kernel"`` is the default: no gradient needed, more than one expert, a kernel larger than 1×1,
-    at most ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample (at batch > 1 at most
-    ``_cpu_kernel.DENSE_MAX_POSITIONS_BATCHED`` unless one sample's kernel fills a chunk of ``"chunked"``), and the
-    kernel applies."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
+    """Where ``"dense_kernel"`` is the default: more than one expert, a kernel larger than 1×1, at most
+    ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample at batch 1, and at batch > 1 at most
+    ``_cpu_kernel.DENSE_MAX_POSITIONS_BATCHED`` unless one sample's kernel fills a chunk of ``"chunked"``; where
+    gradients are needed (the input or the experts require them), only at batch > 1 and with padding that the
+    compiled backward takes (``_cpu_kernel.dense_backward_applies``); and the kernel applies."""
     if weight.shape[0] == 1 or kernel_is_one(weight):
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if x.shape[0] == 1 or not _cpu_kernel.dense_backward_applies(weight, padding, dilation):
+            return False
     positions = output_positions(x, weight, stride, padding, dilation)
     if positions > _cpu_kernel.DENSE_MAX_POSITIONS:
         return False

@@ -596,23 +596,64 @@ inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t k
   }
 }
 
-// Geometry's channels are the input channels here; stride is 1
-struct DenseGeometry : Geometry {
+// The shape of a dense stride-1 convolution: input channels M (Geometry::channels), output channels N
+struct ClGeometry : Geometry {
   int64_t out_channels, experts;
   int64_t padded[3];
-  bool taps_first;  // the experts' kernel element order: (tap, channel) for channels_last experts
   int64_t plane() const { return padded[0] * padded[1] * padded[2]; }
+  int64_t positions() const { return out[0] * out[1] * out[2]; }
+  int64_t rows() const { return taps() * channels; }  // kernel elements per output channel
+  int64_t blocks(int64_t nb) const { return (out_channels + nb - 1) / nb; }
+  // element offsets into a padded channels-innermost sample: of each output position's window, of each kernel row
+  std::vector<int64_t> position_offsets() const {
+    std::vector<int64_t> off(positions());
+    int64_t p = 0;
+    for (int64_t d = 0; d < out[0]; ++d)
+      for (int64_t h = 0; h < out[1]; ++h)
+        for (int64_t w = 0; w < out[2]; ++w) off[p++] = ((d * padded[1] + h) * padded[2] + w) * channels;
+    return off;
+  }
+  std::vector<int64_t> row_offsets() const {
+    std::vector<int64_t> off(rows());
+    for (int64_t kd = 0; kd < kernel[0]; ++kd)
+      for (int64_t kh = 0; kh < kernel[1]; ++kh)
+        for (int64_t kw = 0; kw < kernel[2]; ++kw) {
+          const int64_t tap = (kd * kernel[1] + kh) * kernel[2] + kw;
+          const int64_t base =
+              ((kd * dilation[0] * padded[1] + kh * dilation[1]) * padded[2] + kw * dilation[2]) * channels;
+          for (int64_t c = 0; c < channels; ++c) off[tap * channels + c] = base + c;
+        }
+    return off;
+  }
+};
+
+ClGeometry cl_geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t out_channels, int64_t experts) {
+  const int64_t rank = x.dim() - 2;
+  ClGeometry g;
+  static_cast<Geometry&>(g) = geometry(x, kernel, std::vector<int64_t>(rank, 1), padding, dilation);
+  for (int64_t i = 0; i < rank; ++i)
+    TORCH_CHECK(padding[i] >= 0 && dilation[i] >= 1, "dyconv dense kernel: bad padding ", padding, " or dilation ",
+                dilation);
+  g.out_channels = out_channels;
+  g.experts = experts;
+  for (int i = 0; i < 3; ++i) g.padded[i] = g.in[i] + 2 * g.padding[i];
+  return g;
+}
+
+// ... for the loop over padded planes: positions numbered on the padded grid
+struct DenseGeometry : ClGeometry {
+  bool taps_first;  // the experts' kernel element order: (tap, channel) for channels_last experts
   // positions computed per sample: up to the last output position's index in the padded volume
-  int64_t positions() const { return ((out[0] - 1) * padded[1] + out[1] - 1) * padded[2] + out[2]; }
-  int64_t row() const { return channels * taps(); }  // one output channel's kernel elements
+  int64_t grid_positions() const { return ((out[0] - 1) * padded[1] + out[1] - 1) * padded[2] + out[2]; }
 };
 
 template <typename T>
 void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, const T* attention, const T* bias,
                const at::Tensor& y) {
   constexpr int L = Vec<T>::lanes;
-  const int64_t vectors = (g.positions() + L - 1) / L, padded_positions = vectors * L;
-  const int64_t plane = g.plane(), sample = g.channels * plane, row = g.row();
+  const int64_t vectors = (g.grid_positions() + L - 1) / L, padded_positions = vectors * L;
+  const int64_t plane = g.plane(), sample = g.channels * plane, row = g.rows();
   const int64_t max_offset =
       ((g.kernel[0] - 1) * g.dilation[0] * g.padded[1] + (g.kernel[1] - 1) * g.dilation[1]) * g.padded[2] +
       (g.kernel[2] - 1) * g.dilation[2];
@@ -723,6 +764,337 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   });
 }
 
+// ---- Channels-innermost dense convolution (batch > 1 and backward) ----
+//
+// The loop above computes output positions in vectors, so a 7×7 output pays for the padded grid's 64 and every
+// sample's kernel rows are mixed in the experts' own (output channel, kernel element) order. Here the vectors run
+// over output channels instead: the experts are first packed as [block of NB output channels][expert][tap * C_in +
+// c][NB] (one pass over the K experts per call), so that mixing a sample's rows for a block is one flat weighted
+// sum of K contiguous runs, and a register tile is kClRows output positions (any of them: no padded grid) by
+// kClVectors vectors of output channels. The input is copied once, zero-padded, to channels-innermost planes.
+// The same loop gives the input gradient (the experts packed transposed with flipped taps: the gradient of a
+// stride-1 convolution is a convolution of the output gradient), and a second one the expert and attention
+// gradients without writing any per-sample kernel gradient to memory (cl_weight_grad).
+
+constexpr int kClRows = 6;      // positions (forward) or kernel rows (weight gradient) per register tile
+constexpr int kClVectors = 4;   // vectors of output channels per register tile; a block is kClVectors * lanes
+constexpr int64_t kClMixedBytes = 16384;  // one sample's mixed rows of a block at a time (kc x NB elements)
+constexpr int64_t kClGradRows = 96;       // kernel rows of a block per task of the weight gradient
+constexpr int64_t kClGradGroup = 12;      // ... and per pass over the batch
+constexpr int64_t kPackGroup = 16;        // channels per pass of the experts' packing (divides every block)
+
+template <typename T>
+constexpr int64_t cl_block() {
+  return kClVectors * Vec<T>::lanes;
+}
+
+// (d, h, w) strides of a (B, C, *spatial) tensor, size-1 dims filled in with 0
+void spatial_strides(const at::Tensor& t, int64_t* s) {
+  const int rank = t.dim() - 2;
+  s[0] = s[1] = s[2] = 0;
+  for (int i = 0; i < rank; ++i) s[3 - rank + i] = t.stride(2 + i);
+}
+
+// x copied zero-padded to (B, plane * C) channels-innermost memory
+template <typename T>
+at::Tensor cl_padded(const at::Tensor& x, const ClGeometry& g) {
+  const int64_t C = g.channels, plane = g.plane();
+  auto out = at::zeros({g.batch, plane * C}, x.options());
+  T* dst = out.template data_ptr<T>();
+  const T* src = x.template data_ptr<T>();
+  int64_t s[3];
+  spatial_strides(x, s);
+  const int64_t sb = x.stride(0), sc = x.stride(1);
+  at::parallel_for(0, g.batch * g.in[0] * g.in[1], 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (g.in[0] * g.in[1]), d = (r / g.in[1]) % g.in[0], h = r % g.in[1];
+      T* drow = dst + b * plane * C +
+                (((d + g.padding[0]) * g.padded[1] + h + g.padding[1]) * g.padded[2] + g.padding[2]) * C;
+      const T* srow = src + b * sb + d * s[0] + h * s[1];
+      for (int64_t w = 0; w < g.in[2]; ++w) {
+        const T* sp = srow + w * s[2];
+        T* dp = drow + w * C;
+        if (sc == 1) {
+          std::memcpy(dp, sp, C * sizeof(T));
+        } else {
+          for (int64_t c = 0; c < C; ++c) dp[c] = sp[c * sc];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// experts (K, C_out, C_in, *kernel), any strides, packed as [block][k][tap * M + m][NB] (zeros past the last of
+// the N channels). Forward: N = C_out, M = C_in. transpose (the input gradient's kernel): N = C_in, M = C_out, taps
+// flipped.
+template <typename T>
+at::Tensor cl_pack(const at::Tensor& experts, bool transpose) {
+  constexpr int64_t NB = cl_block<T>();
+  const int64_t K = experts.size(0), Co = experts.size(1), Ci = experts.size(2), rank = experts.dim() - 3;
+  int64_t ks[3] = {1, 1, 1}, st[3] = {0, 0, 0};
+  for (int i = 0; i < rank; ++i) {
+    ks[3 - rank + i] = experts.size(3 + i);
+    st[3 - rank + i] = experts.stride(3 + i);
+  }
+  const int64_t taps = ks[0] * ks[1] * ks[2];
+  const int64_t N = transpose ? Ci : Co, M = transpose ? Co : Ci, R = taps * M, blocks = (N + NB - 1) / NB;
+  const int64_t sk = experts.stride(0), sn = experts.stride(transpose ? 2 : 1), sm = experts.stride(transpose ? 1 : 2);
+  auto out = at::empty({blocks, K, R, NB}, experts.options());
+  T* dst = out.template data_ptr<T>();
+  const T* src = experts.template data_ptr<T>();
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t kd = 0; kd < ks[0]; ++kd)
+    for (int64_t kh = 0; kh < ks[1]; ++kh)
+      for (int64_t kw = 0; kw < ks[2]; ++kw) {
+        const int64_t t = (kd * ks[1] + kh) * ks[2] + kw;
+        tap_offset[t] = transpose ? (ks[0] - 1 - kd) * st[0] + (ks[1] - 1 - kh) * st[1] + (ks[2] - 1 - kw) * st[2]
+                                  : kd * st[0] + kh * st[1] + kw * st[2];
+      }
+  at::parallel_for(0, blocks * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t blk = bk / K, k = bk % K, n0 = blk * NB, nn = std::min(NB, N - n0);
+      T* o = dst + bk * R * NB;
+      // kPackGroup channels at a time: as many read streams, each read in order, and whole lines written
+      for (int64_t g0 = 0; g0 < NB; g0 += kPackGroup) {
+        const int64_t gn = std::max<int64_t>(0, std::min<int64_t>(kPackGroup, nn - g0));
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t t = 0; t < taps; ++t) {
+            T* row = o + (t * M + m) * NB + g0;
+            const T* s = src + k * sk + m * sm + tap_offset[t] + (n0 + g0) * sn;
+            for (int64_t n = 0; n < gn; ++n) row[n] = s[n * sn];
+            for (int64_t n = gn; n < kPackGroup; ++n) row[n] = T(0);
+          }
+      }
+    }
+  });
+  return out;
+}
+
+// out[r][:] = (first ? 0 : out[r][:]) + sum_k m[k][:] * x[r][off[k]], r < MR: MR positions by one block of NB
+template <typename T, int MR>
+inline void cl_tile(const T* m, const T* const* x, const int64_t* off, int64_t kc, T* out, bool first) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t NB = cl_block<T>();
+  V acc[MR][kClVectors];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kClVectors; ++j) acc[r][j] = first ? V{} : *reinterpret_cast<const U*>(out + r * NB + j * L);
+  for (int64_t k = 0; k < kc; ++k) {
+    V w[kClVectors];
+    for (int j = 0; j < kClVectors; ++j) w[j] = *reinterpret_cast<const U*>(m + k * NB + j * L);
+    const int64_t o = off[k];
+    for (int r = 0; r < MR; ++r) {
+      const T s = x[r][o];
+      for (int j = 0; j < kClVectors; ++j) acc[r][j] += s * w[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kClVectors; ++j) *reinterpret_cast<U*>(out + r * NB + j * L) = acc[r][j];
+}
+
+template <typename T>
+inline void cl_tiles(const T* m, const T* xb, const int64_t* pos, int64_t P, const int64_t* off, int64_t kc, T* out,
+                     bool first) {
+  constexpr int64_t NB = cl_block<T>();
+  const T* rows[kClRows];
+  int64_t p = 0;
+  for (; p + kClRows <= P; p += kClRows) {
+    for (int r = 0; r < kClRows; ++r) rows[r] = xb + pos[p + r];
+    cl_tile<T, kClRows>(m, rows, off, kc, out + p * NB, first);
+  }
+  const int64_t left = P - p;
+  for (int r = 0; r < left; ++r) rows[r] = xb + pos[p + r];
+  switch (left) {
+    case 5: cl_tile<T, 5>(m, rows, off, kc, out + p * NB, first); break;
+    case 4: cl_tile<T, 4>(m, rows, off, kc, out + p * NB, first); break;
+    case 3: cl_tile<T, 3>(m, rows, off, kc, out + p * NB, first); break;
+    case 2: cl_tile<T, 2>(m, rows, off, kc, out + p * NB, first); break;
+    case 1: cl_tile<T, 1>(m, rows, off, kc, out + p * NB, first); break;
+    default: break;
+  }
+}
+
+// y = the dynamic convolution of the padded input xp (cl_padded) with the packed experts (cl_pack) and attention
+// (B, K); bias (K, N) or null. y: (B, N, *out), any strides.
+template <typename T>
+void cl_run(const ClGeometry& g, const T* xp, const T* packed, const T* attention, const T* bias, const at::Tensor& y) {
+  constexpr int64_t NB = cl_block<T>();
+  const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
+  const int64_t sample = g.plane() * g.channels;
+  const auto pos = g.position_offsets();
+  const auto off = g.row_offsets();
+  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(R, kClMixedBytes / (NB * int64_t(sizeof(T)))));
+  // blocks of output channels, and where there are fewer blocks than threads, groups of samples too
+  const int64_t groups = std::min<int64_t>(g.batch, (at::get_num_threads() + blocks - 1) / blocks);
+  T* ys = y.template data_ptr<T>();
+  int64_t ysp[3];
+  spatial_strides(y, ysp);
+  std::vector<int64_t> ypos(P);
+  {
+    int64_t p = 0;
+    for (int64_t d = 0; d < g.out[0]; ++d)
+      for (int64_t h = 0; h < g.out[1]; ++h)
+        for (int64_t w = 0; w < g.out[2]; ++w) ypos[p++] = d * ysp[0] + h * ysp[1] + w * ysp[2];
+  }
+  const int64_t yb = y.stride(0), yc = y.stride(1);
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> mixed(KC * NB);
+    std::vector<const T*> rows(E);
+    std::vector<T> acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task / groups, grp = task % groups;
+      const int64_t b0 = g.batch * grp / groups, b1 = g.batch * (grp + 1) / groups;
+      acc.resize((b1 - b0) * P * NB);
+      const T* pk = packed + blk * E * R * NB;
+      for (int64_t k0 = 0; k0 < R; k0 += KC) {
+        const int64_t kc = std::min(KC, R - k0);
+        for (int64_t e = 0; e < E; ++e) rows[e] = pk + (e * R + k0) * NB;
+        for (int64_t b = b0; b < b1; ++b) {
+          mix_row<T>(mixed.data(), rows.data(), attention + b * E, E, kc * NB);
+          cl_tiles<T>(mixed.data(), xp + b * sample, pos.data(), P, off.data() + k0, kc,
+                      acc.data() + (b - b0) * P * NB, k0 == 0);
+        }
+      }
+      const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
+      for (int64_t b = b0; b < b1; ++b) {
+        T shift[NB];
+        for (int64_t n = 0; n < nn; ++n) {
+          shift[n] = 0;
+          if (bias != nullptr)
+            for (int64_t e = 0; e < E; ++e) shift[n] += attention[b * E + e] * bias[e * N + n0 + n];
+        }
+        const T* src = acc.data() + (b - b0) * P * NB;
+        T* dst = ys + b * yb + n0 * yc;
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t n = 0; n < nn; ++n) dst[n * yc + ypos[p]] = src[p * NB + n] + shift[n];
+      }
+    }
+  });
+}
+
+// The expert and attention gradients of cl_run's convolution (bias excluded), never writing a per-sample kernel
+// gradient to memory: for each sample, block of output channels and kClRows kernel rows, the tile
+// dW_b[rows][NB] = sum_p x_b[p + off(row)] * dy_b[p][NB] is computed in registers and at once folded into the K
+// experts' gradients (sum_b a[b, k] dW_b) and the attention's (<dW_b, W_k>).
+// gy: output gradient (B, N, *out) any strides. Returns (packed expert gradients like cl_pack, attention (B, K)).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* xp, const at::Tensor& gy,
+                                                  const T* packed, const T* attention) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t NB = cl_block<T>();
+  const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
+  const int64_t sample = g.plane() * g.channels;
+  const auto pos = g.position_offsets();
+  const auto off = g.row_offsets();
+  // the output gradient as (B, blocks, P, NB), zeros past the last channel
+  auto gyc = at::zeros({g.batch, blocks, P, NB}, gy.options());
+  {
+    T* dst = gyc.template data_ptr<T>();
+    const T* src = gy.template data_ptr<T>();
+    int64_t s[3];
+    spatial_strides(gy, s);
+    const int64_t sb = gy.stride(0), sc = gy.stride(1);
+    at::parallel_for(0, g.batch * P, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t bp = begin; bp < end; ++bp) {
+        const int64_t b = bp / P, p = bp % P;
+        const int64_t d = p / (g.out[1] * g.out[2]), h = (p / g.out[2]) % g.out[1], w = p % g.out[2];
+        const T* sp = src + b * sb + d * s[0] + h * s[1] + w * s[2];
+        T* dp = dst + (b * blocks * P + p) * NB;
+        for (int64_t n = 0; n < N; ++n) dp[(n / NB) * P * NB + n % NB] = sp[n * sc];
+      }
+    });
+  }
+  const T* gys = gyc.template data_ptr<T>();
+  auto grad = at::zeros({blocks, E, R, NB}, gy.options());
+  T* gp = grad.template data_ptr<T>();
+  const int64_t chunks = (R + kClGradRows - 1) / kClGradRows, tasks = blocks * chunks;
+  auto parts = at::zeros({tasks, g.batch, E}, gy.options());
+  T* ga = parts.template data_ptr<T>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<V> dots(g.batch * E);  // per sample and expert, summed across lanes at the task's end
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task / chunks, r0 = (task % chunks) * kClGradRows, r1 = std::min(R, r0 + kClGradRows);
+      std::fill(dots.begin(), dots.end(), V{});
+      // a group of rows at a time for every sample: the group's expert rows and gradients stay in L1
+      for (int64_t q0 = r0; q0 < r1; q0 += kClGradGroup) {
+        const int64_t q1 = std::min(r1, q0 + kClGradGroup);
+        for (int64_t b = 0; b < g.batch; ++b) {
+          const T* xb = xp + b * sample;
+          const T* gb = gys + (b * blocks + blk) * P * NB;
+          const T* a = attention + b * E;
+          for (int64_t r = q0; r < q1; r += kClRows) {
+            const int64_t rr = std::min<int64_t>(kClRows, q1 - r);
+            int64_t o[kClRows];
+            for (int i = 0; i < kClRows; ++i) o[i] = off[r + std::min<int64_t>(i, rr - 1)];
+            V acc[kClRows][kClVectors];
+            for (int i = 0; i < kClRows; ++i)
+              for (int j = 0; j < kClVectors; ++j) acc[i][j] = V{};
+            for (int64_t p = 0; p < P; ++p) {
+              V w[kClVectors];
+              for (int j = 0; j < kClVectors; ++j) w[j] = *reinterpret_cast<const U*>(gb + p * NB + j * L);
+              const T* xr = xb + pos[p];
+              for (int i = 0; i < kClRows; ++i) {
+                const T s = xr[o[i]];
+                for (int j = 0; j < kClVectors; ++j) acc[i][j] += s * w[j];
+              }
+            }
+            for (int64_t e = 0; e < E; ++e) {
+              const T ae = a[e];
+              T* ge = gp + ((blk * E + e) * R + r) * NB;
+              const T* we = packed + ((blk * E + e) * R + r) * NB;
+              V dot = dots[b * E + e];
+              for (int64_t i = 0; i < rr; ++i)
+                for (int j = 0; j < kClVectors; ++j) {
+                  U* gv = reinterpret_cast<U*>(ge + i * NB + j * L);
+                  *gv += ae * acc[i][j];
+                  dot += acc[i][j] * *reinterpret_cast<const U*>(we + i * NB + j * L);
+                }
+              dots[b * E + e] = dot;
+            }
+          }
+        }
+      }
+      for (int64_t be = 0; be < g.batch * E; ++be) {
+        T sum = 0;
+        for (int l = 0; l < L; ++l) sum += dots[be][l];
+        ga[task * g.batch * E + be] = sum;
+      }
+    }
+  });
+  return {grad, parts.sum(0)};
+}
+
+// cl_pack's layout back to experts (K, C_out, C_in, *kernel), contiguous
+template <typename T>
+at::Tensor cl_unpack(const at::Tensor& packed, at::IntArrayRef sizes) {
+  constexpr int64_t NB = cl_block<T>();
+  const int64_t K = sizes[0], Co = sizes[1], Ci = sizes[2];
+  int64_t taps = 1;
+  for (size_t i = 3; i < sizes.size(); ++i) taps *= sizes[i];
+  const int64_t R = taps * Ci;
+  auto out = at::empty(sizes, packed.options());
+  T* dst = out.template data_ptr<T>();
+  const T* src = packed.template data_ptr<T>();
+  const int64_t groups = (Co + kPackGroup - 1) / kPackGroup;
+  at::parallel_for(0, K * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t kg = begin; kg < end; ++kg) {
+      const int64_t k = kg / groups, o0 = (kg % groups) * kPackGroup, on = std::min<int64_t>(kPackGroup, Co - o0);
+      const T* s = src + ((o0 / NB) * K + k) * R * NB + o0 % NB;
+      T* d = dst + (k * Co + o0) * Ci * taps;
+      for (int64_t c = 0; c < Ci; ++c)
+        for (int64_t t = 0; t < taps; ++t) {
+          const T* row = s + (t * Ci + c) * NB;
+          for (int64_t n = 0; n < on; ++n) d[n * Ci * taps + c * taps + t] = row[n];
+        }
+    }
+  });
+  return out;
+}
+
 // Whether the experts (K, C_out, C_in, *kernel) lie channels_last: (K, C_out, *kernel, C_in) in memory.
 bool experts_taps_first(const at::Tensor& e) {
   if (e.stride(2) != 1) return false;
@@ -734,29 +1106,34 @@ bool experts_taps_first(const at::Tensor& e) {
   return (e.size(1) == 1 || e.stride(1) == expected) && (e.size(0) == 1 || e.stride(0) == expected * e.size(1));
 }
 
+// The checks every dense op makes; returns the experts in x's dtype
+at::Tensor dense_checks(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& attention) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "dyconv dense kernel: x must be a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ",
+              x.device());
+  TORCH_CHECK(experts.dim() == x.dim() + 1 && experts.size(2) == x.size(1),
+              "dyconv dense kernel: experts must be (K, C_out, C_in, *kernel) with C_in = ", x.size(1), ", got ",
+              experts.sizes());
+  TORCH_CHECK(attention.dim() == 2 && attention.size(0) == x.size(0) && attention.size(1) == experts.size(0),
+              "dyconv dense kernel: attention must be (", x.size(0), ", ", experts.size(0), "), got ",
+              attention.sizes());
+  return experts.to(x.scalar_type());
+}
+
+std::vector<int64_t> out_sizes(const Geometry& g, int64_t channels, int64_t rank) {
+  std::vector<int64_t> sizes{g.batch, channels};
+  for (int i = 3 - static_cast<int>(rank); i < 3; ++i) sizes.push_back(g.out[i]);
+  return sizes;
+}
+
 // x (B, C_in, *spatial), any layout; experts (K, C_out, C_in, *kernel); attention (B, K); bias (K, C_out) or none.
 // Returns y (B, C_out, *out) in x's suggested memory format.
 at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& attention,
                          const c10::optional<at::Tensor>& bias, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "dyconv dense kernel: x must be a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ",
-              x.device());
-  const int64_t rank = x.dim() - 2;
-  TORCH_CHECK(experts.dim() == x.dim() + 1 && experts.size(2) == x.size(1),
-              "dyconv dense kernel: experts must be (K, C_out, C_in, *kernel) with C_in = ", x.size(1), ", got ",
-              experts.sizes());
-  const int64_t K = experts.size(0);
-  TORCH_CHECK(attention.dim() == 2 && attention.size(0) == x.size(0) && attention.size(1) == K,
-              "dyconv dense kernel: attention must be (", x.size(0), ", ", K, "), got ", attention.sizes());
-  DenseGeometry g;  // (checks the rank and that padding and dilation have one value per spatial dim)
-  static_cast<Geometry&>(g) = geometry(x, experts.sizes().slice(3), std::vector<int64_t>(rank, 1), padding, dilation);
-  for (int64_t i = 0; i < rank; ++i)
-    TORCH_CHECK(padding[i] >= 0 && dilation[i] >= 1, "dyconv dense kernel: bad padding ", padding, " or dilation ",
-                dilation);
-  g.out_channels = experts.size(1);
-  g.experts = K;
-  for (int i = 0; i < 3; ++i) g.padded[i] = g.in[i] + 2 * g.padding[i];
-  auto e = experts.to(x.scalar_type());
+  auto e = dense_checks(x, experts, attention);
+  const int64_t rank = x.dim() - 2, K = e.size(0);
+  DenseGeometry g;
+  static_cast<ClGeometry&>(g) = cl_geometry(x, e.sizes().slice(3), padding, dilation, e.size(1), K);
   g.taps_first = !e.is_contiguous() && experts_taps_first(e);
   if (!g.taps_first) e = e.contiguous();
   auto a = attention.to(x.scalar_type()).contiguous();
@@ -766,15 +1143,56 @@ at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& experts, const a
                 "dyconv dense kernel: bias must be (", K, ", ", g.out_channels, "), got ", bias->sizes());
     bb = bias->to(x.scalar_type()).contiguous();
   }
-  std::vector<int64_t> out_sizes{g.batch, g.out_channels};
-  for (int i = 3 - static_cast<int>(rank); i < 3; ++i) out_sizes.push_back(g.out[i]);
-  auto y = at::empty(out_sizes, x.options().memory_format(x.suggest_memory_format()));
+  auto y = at::empty(out_sizes(g, g.out_channels, rank), x.options().memory_format(x.suggest_memory_format()));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_dense_forward", [&] {
     dense_run<scalar_t>(g, x, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                         bb.defined() ? bb.data_ptr<scalar_t>() : nullptr, y);
   });
   return y;
+}
+
+// Gradients of dense_forward without its bias (the caller adds the bias's part): the input's (the output gradient
+// convolved with the transposed, flipped experts; needs padding <= dilation * (kernel - 1)), the experts' and the
+// attention's. Undefined tensors for what is not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                              const at::Tensor& experts, const at::Tensor& attention,
+                                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                              bool need_input, bool need_experts) {
+  auto e = dense_checks(x, experts, attention);
+  const int64_t rank = x.dim() - 2, K = e.size(0);
+  auto g = cl_geometry(x, e.sizes().slice(3), padding, dilation, e.size(1), K);
+  auto gy = grad_y.to(x.scalar_type());
+  TORCH_CHECK(gy.sizes() == at::IntArrayRef(out_sizes(g, g.out_channels, rank)),
+              "dyconv dense kernel: grad_y must be ", at::IntArrayRef(out_sizes(g, g.out_channels, rank)), ", got ",
+              grad_y.sizes());
+  auto a = attention.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x, grad_e, grad_a;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_dense_backward", [&] {
+    if (need_input) {
+      std::vector<int64_t> pad_t(rank);
+      for (int64_t i = 0; i < rank; ++i) {
+        pad_t[i] = dilation[i] * (e.size(3 + i) - 1) - padding[i];
+        TORCH_CHECK(pad_t[i] >= 0, "dyconv dense kernel: the input gradient needs padding <= dilation * (kernel - "
+                    "1), got padding ", padding, ", dilation ", dilation, ", kernel ", e.sizes().slice(3));
+      }
+      auto gt = cl_geometry(gy, e.sizes().slice(3), pad_t, dilation, e.size(2), K);
+      grad_x = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+      auto gp = cl_padded<scalar_t>(gy, gt);
+      auto packed_t = cl_pack<scalar_t>(e, true);
+      cl_run<scalar_t>(gt, gp.data_ptr<scalar_t>(), packed_t.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), nullptr,
+                       grad_x);
+    }
+    if (need_experts) {
+      auto xp = cl_padded<scalar_t>(x, g);
+      auto packed = cl_pack<scalar_t>(e, false);
+      auto grads = cl_weight_grad<scalar_t>(g, xp.data_ptr<scalar_t>(), gy, packed.data_ptr<scalar_t>(),
+                                            a.data_ptr<scalar_t>());
+      grad_e = cl_unpack<scalar_t>(std::get<0>(grads), e.sizes());
+      grad_a = std::get<1>(grads);
+    }
+  });
+  return {grad_x, grad_e, grad_a};
 }
 
 }  // namespace
@@ -789,6 +1207,8 @@ TORCH_LIBRARY(dyconv_cpu, m) {
   m.def("one_sample_attention(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale) -> Tensor");
   m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation) "
         "-> Tensor");
+  m.def("dense_backward(Tensor grad_y, Tensor x, Tensor experts, Tensor attention, int[] padding, int[] dilation, "
+        "bool need_input, bool need_experts) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
@@ -797,4 +1217,5 @@ TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
   m.impl("one_sample_mix", one_sample_mix);
   m.impl("one_sample_attention", one_sample_attention);
   m.impl("dense_forward", dense_forward);
+  m.impl("dense_backward", dense_backward);
 }
