@@ -781,7 +781,6 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
 constexpr int kClRows = 6;      // positions (forward) or kernel rows (weight gradient) per register tile
 constexpr int kClVectors = 4;   // vectors of output channels per register tile; a block is kClVectors * lanes
 constexpr int64_t kClGradRows = 96;       // kernel rows of a block per task of the weight gradient
-constexpr int64_t kClGradGroup = 12;      // ... and per pass over the batch
 
 template <typename T>
 constexpr int64_t cl_block() {
@@ -1045,50 +1044,52 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
   auto parts = at::zeros({tasks, g.batch, E}, gy.options());
   T* ga = parts.template data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<V> dots(g.batch * E);  // per sample and expert, summed across lanes at the task's end
+    std::vector<V> dots(E);  // the sample's <dW_b, W_k> per expert, summed across lanes at the sample's end
     std::vector<T> wrows(E * kClGradRows * NB), grows(E * kClGradRows * NB);  // the task's rows: experts, gradients
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / chunks, r0 = (task % chunks) * kClGradRows, r1 = std::min(R, r0 + kClGradRows);
-      std::fill(dots.begin(), dots.end(), V{});
       std::fill(grows.begin(), grows.end(), T(0));
       for (int64_t e = 0; e < E; ++e) experts.pack(blk, e, r0, r1 - r0, wrows.data() + e * kClGradRows * NB);
-      // a group of rows at a time for every sample: the group's expert rows and gradients stay in L1
-      for (int64_t q0 = r0; q0 < r1; q0 += kClGradGroup) {
-        const int64_t q1 = std::min(r1, q0 + kClGradGroup);
-        for (int64_t b = 0; b < g.batch; ++b) {
-          const T* xb = xp + b * sample;
-          const T* gb = gys + (b * blocks + blk) * P * NB;
-          const T* a = attention + b * E;
-          for (int64_t r = q0; r < q1; r += kClRows) {
-            const int64_t rr = std::min<int64_t>(kClRows, q1 - r);
-            int64_t o[kClRows];
-            for (int i = 0; i < kClRows; ++i) o[i] = off[r + std::min<int64_t>(i, rr - 1)];
-            V acc[kClRows][kClVectors];
-            for (int i = 0; i < kClRows; ++i)
-              for (int j = 0; j < kClVectors; ++j) acc[i][j] = V{};
-            for (int64_t p = 0; p < P; ++p) {
-              V w[kClVectors];
-              for (int j = 0; j < kClVectors; ++j) w[j] = *reinterpret_cast<const U*>(gb + p * NB + j * L);
-              const T* xr = xb + pos[p];
-              for (int i = 0; i < kClRows; ++i) {
-                const T s = xr[o[i]];
-                for (int j = 0; j < kClVectors; ++j) acc[i][j] += s * w[j];
-              }
-            }
-            for (int64_t e = 0; e < E; ++e) {
-              const T ae = a[e];
-              T* ge = grows.data() + (e * kClGradRows + r - r0) * NB;
-              const T* we = wrows.data() + (e * kClGradRows + r - r0) * NB;
-              V dot = dots[b * E + e];
-              for (int64_t i = 0; i < rr; ++i)
-                for (int j = 0; j < kClVectors; ++j) {
-                  U* gv = reinterpret_cast<U*>(ge + i * NB + j * L);
-                  *gv += ae * acc[i][j];
-                  dot += acc[i][j] * *reinterpret_cast<const U*>(we + i * NB + j * L);
-                }
-              dots[b * E + e] = dot;
+      // sample by sample: its output gradient for the block and its input rows stay in cache for all the task's rows
+      for (int64_t b = 0; b < g.batch; ++b) {
+        const T* xb = xp + b * sample;
+        const T* gb = gys + (b * blocks + blk) * P * NB;
+        const T* a = attention + b * E;
+        std::fill(dots.begin(), dots.end(), V{});
+        for (int64_t r = r0; r < r1; r += kClRows) {
+          const int64_t rr = std::min<int64_t>(kClRows, r1 - r);
+          int64_t o[kClRows];
+          for (int i = 0; i < kClRows; ++i) o[i] = off[r + std::min<int64_t>(i, rr - 1)];
+          V acc[kClRows][kClVectors];
+          for (int i = 0; i < kClRows; ++i)
+            for (int j = 0; j < kClVectors; ++j) acc[i][j] = V{};
+          for (int64_t p = 0; p < P; ++p) {
+            V w[kClVectors];
+            for (int j = 0; j < kClVectors; ++j) w[j] = *reinterpret_cast<const U*>(gb + p * NB + j * L);
+            const T* xr = xb + pos[p];
+            for (int i = 0; i < kClRows; ++i) {
+              const T s = xr[o[i]];
+              for (int j = 0; j < kClVectors; ++j) acc[i][j] += s * w[j];
             }
           }
+          for (int64_t e = 0; e < E; ++e) {
+            const T ae = a[e];
+            T* ge = grows.data() + (e * kClGradRows + r - r0) * NB;
+            const T* we = wrows.data() + (e * kClGradRows + r - r0) * NB;
+            V dot = dots[e];
+            for (int64_t i = 0; i < rr; ++i)
+              for (int j = 0; j < kClVectors; ++j) {
+                U* gv = reinterpret_cast<U*>(ge + i * NB + j * L);
+                *gv += ae * acc[i][j];
+                dot += acc[i][j] * *reinterpret_cast<const U*>(we + i * NB + j * L);
+              }
+            dots[e] = dot;
+          }
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          T sum = 0;
+          for (int l = 0; l < L; ++l) sum += dots[e][l];
+          ga[(task * g.batch + b) * E + e] = sum;
         }
       }
       const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
@@ -1098,11 +1099,6 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
           const T* src = grows.data() + e * kClGradRows * NB + n;
           for (int64_t i = 0; i < r1 - r0; ++i) dst[i] = src[i * NB];
         }
-      for (int64_t be = 0; be < g.batch * E; ++be) {
-        T sum = 0;
-        for (int l = 0; l < L; ++l) sum += dots[be][l];
-        ga[task * g.batch * E + be] = sum;
-      }
     }
   });
   return {grad, parts.sum(0)};
