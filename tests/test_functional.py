@@ -213,6 +213,13 @@ def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     # ... with gradients too (the compiled backward), but not where the padding exceeds the kernel's reach
     assert select_strategy(torch.zeros(4, 8, 5, 5, requires_grad=True), w, [1, 1], 1, one, one) == larger
     assert select_strategy(torch.zeros(4, 8, 3, 3, requires_grad=True), w, [3, 3], 1, one, one) == "chunked"
+    # 4x4 output: 16 positions, where the compiled kernel applies it comes first (with gradients too); on meta
+    # tensors (no compiled kernel) the tiny outputs' rule
+    assert select_strategy(torch.zeros(4, 8, 4, 4), w, [1, 1], 1, one, one) == (
+        "dense_kernel" if _cpu_kernel.available() else "experts")
+    assert select_strategy(torch.zeros(4, 8, 4, 4, requires_grad=True), w, [1, 1], 1, one, one) == (
+        "dense_kernel" if _cpu_kernel.available() else "experts")
+    assert select_strategy(torch.zeros(4, 8, 4, 4, device="meta"), w.to("meta"), [1, 1], 1, one, one) == "experts"
     # stride 2 brings 4x4 down to 2x2
     assert select_strategy(torch.zeros(4, 8, 4, 4), w, [1, 1], 1, [2, 2], one) == "unfold_experts"
     # grouped, batch 1 and K = 1 stay chunked (aggregate-then-convolve reads each kernel once), except where the

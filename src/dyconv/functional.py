@@ -339,6 +339,12 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
 # two threads on the quiet machine, where it picks the fastest in 4 of 6 shapes, the others within 6 % and 17 %).
 EXPERTS_MAX_POSITIONS = 48
 UNFOLD_EXPERTS_MAX_POSITIONS = 4
+# ... except where the compiled "dense_kernel" applies (_dense_kernel_suits) and the output has at least this many
+# positions: it was then the fastest or within noise of it at batch 32 for 3x3 64/256/512 channels at 4x4, inference
+# and training, where the rules above cost up to 1.7x its time (benchmarks/strategies.py --layers "3x3 64" "3x3 256"
+# "3x3 512" --sizes 4 8 --train --strategies dense_kernel unfold_experts experts, README); at 3x3 and 2x2 outputs it
+# beat the rules' own choice in most but not all cases, and another strategy was the fastest there.
+DENSE_OVER_TINY_MIN_POSITIONS = 16
 # On other devices (CUDA), where a layer's cost at these sizes is mostly its launches: "experts" (one dense
 # convolution with all K kernels) for ungrouped layers of at most this many output positions, and never
 # "unfold_experts". benchmarks/strategies.py --device cuda --train (H200, batch 32, ratios to static): "experts"
@@ -383,7 +389,8 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
 
     ``padding`` is the convolution's symmetric padding, one int per spatial dimension. In eager mode, for
     ungrouped layers at batch > 1 whose output is tiny (at most ``EXPERTS_MAX_POSITIONS / (K - 1)`` positions
-    per sample, given ``stride`` and ``dilation``): ``"unfold_experts"`` (at most
+    per sample, given ``stride`` and ``dilation``), unless ``"dense_kernel"`` takes it (below; from
+    ``DENSE_OVER_TINY_MIN_POSITIONS`` positions): ``"unfold_experts"`` (at most
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1),
     ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
     depthwise layers on the CPU with channels_last float32/float64 input, where the compiled kernel could be
@@ -410,6 +417,10 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
             positions = output_positions(x, weight, stride, padding, dilation)
             if positions <= limits[2]:
                 return "experts"
+            if not torch.jit.is_scripting():
+                if positions >= DENSE_OVER_TINY_MIN_POSITIONS and _dense_kernel_suits(x, weight, stride, padding,
+                                                                                      dilation, groups):
+                    return "dense_kernel"
             if positions * (num_experts - 1) <= limits[0]:
                 if (positions <= limits[1] or x.shape[1] >= 256) and not kernel_is_one(weight):
                     return "unfold_experts"
