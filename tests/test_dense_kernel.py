@@ -12,7 +12,7 @@ from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.functional import select_strategy
 from reference import TOL, per_sample_reference
 from test_cpu_kernel import assert_frozen_experts_gradients_match_loop, needs_kernel
-from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, run
+from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, largest_saved_tensor, run
 
 CASES = [
     dict(kernel_size=3, padding=1),
@@ -159,6 +159,16 @@ def test_layers_pick_it(rank):
             assert select_strategy(torch.zeros(4, 512, 10, 15), wide[:, :256, :256], *args) == "chunked"
         # and through the layer: the reference's values
         torch.testing.assert_close(layer.eval()(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@needs_kernel
+def test_does_not_keep_per_sample_kernels_for_backward():
+    """Backward keeps the input, the experts and the attention only (bounded training memory, as "chunked")."""
+    batch = 16
+    layer = DynamicConv2d(32, 32, 3, padding=1, num_experts=4)
+    x = torch.randn(batch, 32, 4, 4, requires_grad=True)
+    assert largest_saved_tensor(layer, x, "groups") >= batch * layer.weight[0].numel()  # the measurement sees them
+    assert largest_saved_tensor(layer, x, "dense_kernel") <= max(x.numel(), layer.weight.numel())
 
 
 @needs_kernel

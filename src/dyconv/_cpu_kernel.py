@@ -235,11 +235,14 @@ fills a chunk of ``"chunked"`` (``_chunked.FORWARD_CHUNK_ELEMENTS``, as 3×3 512
 convolves one sample at a time."""
 
 DENSE_MAX_POSITIONS_BATCHED = 100
-"""The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise. At batch 32, inference,
-float32, as ratios to static (``PYTHONPATH=src python benchmarks/strategies.py --layers 256 512 --sizes 7 10 12 14
---strategies chunked dense_kernel``, 2026-11-29 at 94afbe2): 3×3 256->256 @7 / @10 / @12 / @14 dense 2.24× / 2.04× /
-1.65× / 1.58× against chunked 3.59× / 2.23× / 1.53× / 1.53×; 512->512 dense 2.08× / 1.87× / 2.02× / 1.73× against
-3.70× / 3.05× / 2.63× / 2.92×."""
+"""The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise, with or without gradients. At
+batch 32, float32, as ratios to static. Inference (``PYTHONPATH=src python benchmarks/strategies.py --layers 256 512
+--sizes 7 10 12 14 --strategies chunked dense_kernel``, 2026-11-29 at 94afbe2): 3×3 256->256 @7 / @10 / @12 / @14
+dense 2.24× / 2.04× / 1.65× / 1.58× against chunked 3.59× / 2.23× / 1.53× / 1.53×; 512->512 dense 2.08× / 1.87× /
+2.02× / 1.73× against 3.70× / 3.05× / 2.63× / 2.92×. The training step at 7² / 10² / 14² (``... --layers "3x3 64"
+"3x3 256" "3x3 512" --sizes 14 20 28 --train --strategies chunked dense_kernel``, at ec8b0cd): 64->64 dense 1.83× /
+1.72× / 1.48× against 2.68× / 2.10× / 1.41×; 256->256 1.87× / 2.06× / 1.91× against 2.90× / 2.36× / 1.86×; 512->512
+2.24× / 2.47× / 2.09× against 6.25× / 3.97× / 2.84×."""
 
 
 @torch.jit.unused

@@ -394,8 +394,9 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ``UNFOLD_EXPERTS_MAX_POSITIONS`` positions or at least 256 input channels, kernels larger than 1×1),
     ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
     depthwise layers on the CPU with channels_last float32/float64 input, where the compiled kernel could be
-    built: ``"depthwise_kernel"``; without gradients, ungrouped stride-1 layers on the CPU (float32/float64) with
-    more than one expert, kernels larger than 1×1 and small outputs (``_dense_kernel_suits``): ``"dense_kernel"``;
+    built: ``"depthwise_kernel"``; ungrouped stride-1 layers on the CPU (float32/float64) with more than one
+    expert, kernels larger than 1×1 and small outputs (``_dense_kernel_suits``; with gradients at batch > 1 only):
+    ``"dense_kernel"``;
     otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead:
     ``"experts"`` for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output
     positions, else ``"chunked"``.
