@@ -340,10 +340,11 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
 EXPERTS_MAX_POSITIONS = 48
 UNFOLD_EXPERTS_MAX_POSITIONS = 4
 # ... except where the compiled "dense_kernel" applies (_dense_kernel_suits) and the output has at least this many
-# positions: it was then the fastest or within noise of it at batch 32 for 3x3 64/256/512 channels at 4x4, inference
-# and training, where the rules above cost up to 1.7x its time (benchmarks/strategies.py --layers "3x3 64" "3x3 256"
-# "3x3 512" --sizes 4 8 --train --strategies dense_kernel unfold_experts experts, README); at 3x3 and 2x2 outputs it
-# beat the rules' own choice in most but not all cases, and another strategy was the fastest there.
+# positions: at 4x4 outputs, batch 32, it was the fastest of the strategies run for 3x3 64/256/512 channels,
+# inference and training, where the rules' choice took up to 1.7x its time (benchmarks/strategies.py --layers
+# "3x3 64" "3x3 256" "3x3 512" --sizes 3 4 --strategies dense_kernel unfold_experts experts, and --sizes 4 6 8 --train
+# for the training step at half those sizes; README, "dense_kernel"); at 3x3 outputs it beat the rules' choice in
+# all six cells too, but another strategy was the fastest in two of them.
 DENSE_OVER_TINY_MIN_POSITIONS = 16
 # On other devices (CUDA), where a layer's cost at these sizes is mostly its launches: "experts" (one dense
 # convolution with all K kernels) for ungrouped layers of at most this many output positions, and never
