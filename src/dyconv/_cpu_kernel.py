@@ -159,6 +159,19 @@ def _channels_innermost(t: Tensor) -> Tensor:
     return t if channels_innermost(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
+def _bias_gradients(grad_out: Tensor, attention: Tensor, bias: Tensor, need_bias: bool, need_attention: bool,
+                    grad_attention: Optional[Tensor]) -> "tuple[Optional[Tensor], Optional[Tensor]]":
+    """The mixed bias's part of the compiled kernels' gradients: the experts' biases get ``attention^T @ g`` and the
+    attention ``g @ bias^T`` (added to ``grad_attention`` when given), ``g`` being the output gradient summed over
+    positions."""
+    g_bias = grad_out.sum(list(range(2, grad_out.dim())))
+    grad_bias = torch.mm(attention.t(), g_bias) if need_bias else None
+    if need_attention:
+        extra = torch.mm(g_bias, bias.t())
+        grad_attention = extra if grad_attention is None else grad_attention + extra
+    return grad_bias, grad_attention
+
+
 class _DepthwiseKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], attention: Tensor, stride: List[int],
@@ -192,12 +205,7 @@ class _DepthwiseKernel(torch.autograd.Function):
                 experts = weight.reshape(num_experts, channels, -1).transpose(1, 2)
                 grad_a = torch.mm(g, experts.reshape(num_experts, -1).t())
         if ctx.has_bias and (need_b or need_a):
-            g_bias = gy.sum(list(range(2, gy.dim())))
-            if need_b:
-                grad_bias = torch.mm(a.t(), g_bias)
-            if need_a:
-                extra = torch.mm(g_bias, bias.t())
-                grad_a = extra if grad_a is None else grad_a + extra
+            grad_bias, grad_a = _bias_gradients(gy, a, bias, need_b, need_a, grad_a)
         if grad_a is not None:
             grad_a = grad_a.to(attention.dtype)
         return grad_x, grad_weight, grad_bias, grad_a, None, None, None
@@ -283,11 +291,7 @@ class _DenseKernel(torch.autograd.Function):
                                                                           dilation, need_x, need_w or need_a)
         grad_bias = None
         if bias is not None and (need_b or need_a):
-            g_bias = grad_out.sum(list(range(2, grad_out.dim())))
-            if need_b:
-                grad_bias = torch.mm(attention.to(x.dtype).t(), g_bias)
-            if need_a:
-                grad_a = grad_a + torch.mm(g_bias, bias.t())
+            grad_bias, grad_a = _bias_gradients(grad_out, attention.to(x.dtype), bias, need_b, need_a, grad_a)
         return (grad_x if need_x else None, grad_weight if need_w else None, grad_bias,
                 grad_a.to(attention.dtype) if need_a else None, None, None)
 

@@ -411,6 +411,7 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
             if groups > 1 and _cpu_kernel.applies(x, weight, groups):
                 return "depthwise_kernel"
         num_experts = weight.shape[0]
+        dense_asked = False  # whether _dense_kernel_suits has been asked (and said no)
         if stride is not None and dilation is not None and groups == 1 and num_experts > 1 and x.shape[0] > 1:
             # TorchScript reads no module globals (and keeps the CPU's rule); eager mode reads the constants
             limits = [48, 4, -1]
@@ -419,20 +420,22 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
             positions = output_positions(x, weight, stride, padding, dilation)
             if positions <= limits[2]:
                 return "experts"
+            tiny = positions * (num_experts - 1) <= limits[0]
             if not torch.jit.is_scripting():
-                if positions >= DENSE_OVER_TINY_MIN_POSITIONS and _dense_kernel_suits(x, weight, stride, padding,
-                                                                                      dilation, groups):
-                    return "dense_kernel"
-            if positions * (num_experts - 1) <= limits[0]:
+                if not tiny or positions >= DENSE_OVER_TINY_MIN_POSITIONS:
+                    if _dense_kernel_suits(x, weight, stride, padding, dilation, groups):
+                        return "dense_kernel"
+                    dense_asked = True
+            if tiny:
                 if (positions <= limits[1] or x.shape[1] >= 256) and not kernel_is_one(weight):
                     return "unfold_experts"
                 if weight.shape[1] > x.shape[1] and uses_matmul(weight, stride, padding, dilation, groups):
                     return "scaled_inputs"  # 1x1 expansions: K copies of the smaller input, not K outputs
                 return "experts"
         if not torch.jit.is_scripting():
-            if stride is not None and dilation is not None and _dense_kernel_suits(x, weight, stride, padding,
-                                                                                   dilation, groups):
-                return "dense_kernel"
+            if stride is not None and dilation is not None and not dense_asked:
+                if _dense_kernel_suits(x, weight, stride, padding, dilation, groups):
+                    return "dense_kernel"
         # batch chunks bound the mixed kernels' memory, forward and backward; one chunk of one sample
         # is aggregate-then-convolve, one chunk of many is batch-as-groups (or one bmm for 1x1)
         return "chunked"

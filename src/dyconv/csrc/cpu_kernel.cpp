@@ -596,6 +596,13 @@ inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t k
   }
 }
 
+// (d, h, w) strides of a (B, C, *spatial) tensor, size-1 dims filled in with 0
+void spatial_strides(const at::Tensor& t, int64_t* s) {
+  const int rank = t.dim() - 2;
+  s[0] = s[1] = s[2] = 0;
+  for (int i = 0; i < rank; ++i) s[3 - rank + i] = t.stride(2 + i);
+}
+
 // The shape of a dense stride-1 convolution: input channels M (Geometry::channels), output channels N
 struct ClGeometry : Geometry {
   int64_t out_channels, experts;
@@ -662,9 +669,8 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   T* xp = padded.template data_ptr<T>();
   const T* xs = x.template data_ptr<T>();
   const auto xst = x.strides();
-  const int rank = x.dim() - 2;
-  int64_t in_stride[3] = {0, 0, 0};  // x's strides as (d, h, w)
-  for (int i = 0; i < rank; ++i) in_stride[3 - rank + i] = xst[2 + i];
+  int64_t in_stride[3];  // x's strides as (d, h, w)
+  spatial_strides(x, in_stride);
   at::parallel_for(0, g.batch * g.channels, 8, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / g.channels, c = bc % g.channels;
@@ -696,8 +702,8 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
         }
   T* ys = y.template data_ptr<T>();
   const auto yst = y.strides();
-  int64_t out_stride[3] = {0, 0, 0};
-  for (int i = 0; i < rank; ++i) out_stride[3 - rank + i] = yst[2 + i];
+  int64_t out_stride[3];
+  spatial_strides(y, out_stride);
   const int64_t E = g.experts, Co = g.out_channels;
   const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(row, kMixedBytes / kTileChannels / int64_t(sizeof(T))));
   const int64_t blocks = (Co + kTileChannels - 1) / kTileChannels;
@@ -773,9 +779,9 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
 // (ExpertRows), packed a few dozen rows at a time into a buffer that stays in cache, so that mixing a sample's rows
 // is one flat weighted sum of K contiguous runs. The input is copied once, zero-padded, to channels-innermost
 // planes. This loop (cl_run) gives the input gradient, the experts read transposed with flipped taps (the input
-// gradient of a stride-1 convolution is a convolution of the output gradient); as a forward it measured slower than
-// dense_run (3×3 512->512 @7, batch 32: 2.7-3.0x static against 2.1-2.4x, though it computes no padded positions),
-// which keeps the forward. A second loop (cl_weight_grad) gives the expert and attention gradients without writing
+// gradient of a stride-1 convolution is a convolution of the output gradient); as a forward it was slower than
+// dense_run in an ad-hoc comparison (3×3 512->512 @7, batch 32, 2026-11-29), though it computes no padded positions,
+// so dense_run keeps the forward. A second loop (cl_weight_grad) gives the expert and attention gradients without writing
 // any per-sample kernel gradient to memory.
 
 constexpr int kClRows = 6;      // positions (forward) or kernel rows (weight gradient) per register tile
@@ -785,13 +791,6 @@ constexpr int64_t kClGradRows = 96;       // kernel rows of a block per task of 
 template <typename T>
 constexpr int64_t cl_block() {
   return kClVectors * Vec<T>::lanes;
-}
-
-// (d, h, w) strides of a (B, C, *spatial) tensor, size-1 dims filled in with 0
-void spatial_strides(const at::Tensor& t, int64_t* s) {
-  const int rank = t.dim() - 2;
-  s[0] = s[1] = s[2] = 0;
-  for (int i = 0; i < rank; ++i) s[3 - rank + i] = t.stride(2 + i);
 }
 
 // x copied zero-padded to (B, plane * C) channels-innermost memory
