@@ -203,6 +203,92 @@ def test_batch1_inference_in_one_call_float32(layout, bias):
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
 
 
+# channel counts whose vectors (16 float32 or 8 float64 lanes with AVX-512, 8 or 4 with AVX2) leave every remainder
+# of the kernel's blocks of four vectors (0-3) and channels past the last whole vector, in both dtypes
+VECTOR_CHANNELS = [13, 27, 40, 85, 117]
+
+
+def spy_on_op(monkeypatch, name):
+    """Calls of ``torch.ops.dyconv_cpu.<name>`` counted in the returned list."""
+    real, calls = getattr(torch.ops.dyconv_cpu, name), []
+
+    def spy(*args):
+        calls.append(name)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.dyconv_cpu, name, spy)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("padding_mode", "zeros") == "zeros"], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_batch1_depthwise_in_one_call(rank, case, bias, monkeypatch):
+    """Batch-1 inference of a depthwise layer on channels-innermost input: the attention and the depthwise kernel in
+    one call (``one_sample_depthwise``), against the float64 reference; contiguous input keeps the mix-then-convolve
+    call."""
+    case = dict(case, bias=bias and case.get("bias", True))
+    layer, x = layer_and_input(rank, case, 1, "channels_last")
+    layer.eval()
+    calls = spy_on_op(monkeypatch, "one_sample_depthwise")
+    with torch.no_grad():
+        out = layer(x)
+        assert calls == ["one_sample_depthwise"]
+        torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+        assert out.movedim(1, -1).is_contiguous()  # channels innermost, as the input
+        out.relu_()  # a plain tensor, not a view: in-place activations work
+        torch.testing.assert_close(layer(x.contiguous()), per_sample_reference(layer, x), **TOL[torch.float64])
+    assert calls == ["one_sample_depthwise"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", VECTOR_CHANNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_vector_block_of_the_depthwise_kernel(channels, dtype, monkeypatch):
+    """Channel counts reaching every block of the forward's register tiles and the channels past them, forward and
+    gradients of the strategy at batch 3, and the batch-1 call, whose attention sums the input in runs of 64
+    positions over two blocks (2350 positions: a partial run) and computes the linear layers four rows at a time
+    (hidden width channels // 4, five experts: whole groups and a remainder), against the float64 reference."""
+    layer = DynamicConv2d(channels, channels, 3, padding=1, groups=channels, num_experts=5, temperature=2.0,
+                          dtype=torch.float64)
+    for spatial, batch in (((9, 11), 3), ((50, 47), 1)):
+        x = channels_innermost(torch.randn(batch, channels, *spatial, dtype=torch.float64) + 0.5)
+        expected = per_sample_reference(layer, x).to(dtype)
+        ml, mx = layer.to(dtype), x.to(dtype)
+        if batch > 1:
+            mx.requires_grad_()
+            out = run(ml, mx, "depthwise_kernel")
+            torch.testing.assert_close(out, expected, **TOL[dtype])
+            if dtype == torch.float64:
+                assert_gradients_match_loop(ml, mx, out)
+        else:
+            calls = spy_on_op(monkeypatch, "one_sample_depthwise")
+            with torch.no_grad():
+                out = ml.eval()(mx)
+            assert calls == ["one_sample_depthwise"]
+            torch.testing.assert_close(out, expected, **TOL[dtype])
+        layer = layer.double()
+
+
+@needs_kernel
+def test_one_sample_depthwise_checks_its_arguments():
+    x = channels_innermost(torch.randn(1, 6, 5, 5))
+    w1, b1, w2, b2 = torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)
+    experts = torch.randn(3, 6, 1, 3, 3)
+    args = ([1, 1], [1, 1], [1, 1])
+    torch.ops.dyconv_cpu.one_sample_depthwise(x, w1, b1, w2, b2, 1.0, experts, None, *args)
+    with pytest.raises(RuntimeError, match="one sample.*\\[2, 6, 5, 5\\]"):
+        torch.ops.dyconv_cpu.one_sample_depthwise(channels_innermost(torch.randn(2, 6, 5, 5)), w1, b1, w2, b2, 1.0,
+                                                  experts, None, *args)
+    with pytest.raises(RuntimeError, match="channels innermost"):
+        torch.ops.dyconv_cpu.one_sample_depthwise(x.contiguous(), w1, b1, w2, b2, 1.0, experts, None, *args)
+    with pytest.raises(RuntimeError, match="shapes do not fit.*fc1 \\[4, 5\\]"):
+        torch.ops.dyconv_cpu.one_sample_depthwise(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, None, *args)
+    with pytest.raises(RuntimeError, match="experts must be \\(K, C, 1, \\*kernel\\) with C = 6"):
+        torch.ops.dyconv_cpu.one_sample_depthwise(x, w1, b1, w2, b2, 1.0, torch.randn(3, 5, 1, 3, 3), None, *args)
+
+
 @needs_kernel
 def test_one_sample_mix_checks_its_arguments():
     x = torch.randn(1, 6, 5, 5)

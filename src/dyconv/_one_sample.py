@@ -10,7 +10,9 @@ temperature folded into the products' scalars), the softmax, one matrix-vector p
 straight into reused memory already viewed as the kernel (or, where ``dyconv._chunked.SCALED_ADDS_MIN_ELEMENTS`` is
 set, for large kernels a scaled copy and K - 1 scaled adds, which stream the experts faster on some CPUs), and the
 convolution; an eighth mixes the bias where there is one. Where the compiled CPU kernel (:mod:`dyconv._cpu_kernel`)
-is built, the first six are one call (``one_sample_mix``).
+is built, the first six are one call (``one_sample_mix``); for a depthwise layer on channels_last input all seven are
+(``one_sample_depthwise``: the attention, then the compiled depthwise convolution, which mixes the sample's kernel
+itself and is faster at batch 1 than PyTorch's depthwise convolution for MobileNetV2's layers).
 
 What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
 (:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members
@@ -42,7 +44,7 @@ class _Plan:
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
                  "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
-                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts")
+                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
@@ -78,7 +80,9 @@ class _Plan:
         self.flat, self.bias_d = flat, None if bias is None else bias.detach()
         self.compiled = (self.out is not None and self.rows is None and flat.is_contiguous()
                          and _cpu_kernel.one_sample_mix_applies(self.w1, self.b1, self.w2, self.b2, self.bias_d))
-        self.experts = experts  # for the compiled kernel that mixes inside the convolution's tiles
+        self.experts = experts  # for the compiled kernels that mix inside the convolution
+        # a depthwise layer's experts (K, C, 1, *kernel): one_sample_depthwise, where the input is channels-innermost
+        self.depthwise = self.compiled and experts.dim() >= 4 and experts.shape[2] == 1
 
     def matches(self, layer: nn.Module, weight: Tensor, state) -> bool:
         params = layer._parameters
@@ -106,6 +110,16 @@ class _Plan:
         if self.temperature_version is not None and self.temperature_version != temperature._version:
             return False
         return not _hooked(router)  # hooks added since: the general path calls the router
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Whether the one-sample batch ``x`` ``(1, C, *spatial)`` lies in memory as ``(*spatial, C)`` (channels_last;
+    for 1-D inputs a ``(1, L, C)`` buffer seen as ``(1, C, L)``), checked without making a view."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return x.dim() == 3 and x.stride(1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[1])
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -180,6 +194,11 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
         if groups == 1 and functional._dense_kernel_suits(x, plan.experts, stride, padding, dilation, groups):
             attention = torch.ops.dyconv_cpu.one_sample_attention(x, plan.w1, plan.b1, plan.w2, plan.b2, scale)
             return torch.ops.dyconv_cpu.dense_forward(x, plan.experts, attention, plan.bias_d, padding, dilation)
+        # depthwise layers on channels-innermost input: the attention and the compiled depthwise kernel (which
+        # mixes the sample's few thousand kernel values and convolves) in one call
+        if plan.depthwise and groups == x.shape[1] == plan.experts.shape[1] and _channels_innermost(x):
+            return torch.ops.dyconv_cpu.one_sample_depthwise(x, plan.w1, plan.b1, plan.w2, plan.b2, scale,
+                                                             plan.experts, plan.bias_d, stride, padding, dilation)
         mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,
                                                     plan.out, plan.bias_d)
         return functional.conv(x, plan.kernel, None if plan.bias_d is None else mixed, stride, padding, dilation,

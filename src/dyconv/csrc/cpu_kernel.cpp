@@ -3,7 +3,7 @@
 // * depthwise_forward / depthwise_backward: dynamic depthwise convolution, channels innermost: one pass per sample
 //   that mixes the sample's kernel from the K experts and convolves with it, and the matching backward.
 // * one_sample_mix: batch-1 inference of any dynamic layer: the attention and the kernel's mixing in one call;
-//   one_sample_attention: the attention alone.
+//   one_sample_attention: the attention alone; one_sample_depthwise: the attention and depthwise_forward.
 // * dense_forward: inference of an ungrouped stride-1 dynamic convolution with the mixing inside the convolution's
 //   own tiles: each sample's kernel is mixed a few output channels and a few hundred inputs at a time into a
 //   buffer that stays in L1, never written whole (see "Dense convolution" below).
@@ -25,6 +25,20 @@
 #include <vector>
 
 namespace {
+
+// GCC vector extensions: AVX-512 registers where the machine has them (-march=native), 32-byte vectors elsewhere
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  typedef T unaligned __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)), may_alias));
+  static constexpr int lanes = kVectorBytes / sizeof(T);
+};
 
 struct Geometry {
   int64_t batch, channels;
@@ -79,12 +93,17 @@ bool channels_innermost(const at::Tensor& t) {
 }
 
 at::Tensor empty_channels_innermost(const at::Tensor& like, at::IntArrayRef sizes) {
-  // (B, *spatial, C) memory seen as (B, C, *spatial)
-  std::vector<int64_t> moved{sizes[0]};
-  moved.insert(moved.end(), sizes.begin() + 2, sizes.end());
-  moved.push_back(sizes[1]);
-  auto t = at::empty(moved, like.options());
-  return t.movedim(-1, 1);
+  // (B, *spatial, C) memory seen as (B, C, *spatial): strided from the start, not a view (a layer's output may be
+  // modified in place)
+  std::vector<int64_t> strides(sizes.size());
+  int64_t step = sizes[1];
+  strides[1] = 1;
+  for (int64_t dim = static_cast<int64_t>(sizes.size()) - 1; dim >= 2; --dim) {
+    strides[dim] = step;
+    step *= sizes[dim];
+  }
+  strides[0] = step;
+  return at::empty_strided(sizes, strides, like.options());
 }
 
 // mixed[b][t][c] = sum_k attention[b][k] * experts[k][c][t]; mixed_bias[b][c] = sum_k attention[b][k] * bias[k][c]
@@ -133,44 +152,100 @@ inline void for_each_input_row(const Geometry& g, int64_t od, int64_t oh, F&& f)
   }
 }
 
-// One output row r (over batch, depth and height) of y = conv(x[b], w) + bias, w and bias the row's sample's own
-// mixed kernel (taps, C) and bias (C, or none).
+// The input rows one output row (od, oh) of a sample reads: the first tap of each kernel row (kd, kh) whose input
+// row lies inside the input, and that input row's start in x (room for every kernel row, reused from row to row).
 template <typename T>
-inline void forward_row(const Geometry& g, const T* x, const T* w, const T* bias, T* y, int64_t r) {
+struct InputRows {
+  int64_t count = 0;
+  std::vector<int64_t> tap0;
+  std::vector<const T*> row;
+  explicit InputRows(const Geometry& g) : tap0(g.kernel[0] * g.kernel[1]), row(g.kernel[0] * g.kernel[1]) {}
+};
+
+// y at output positions [ow0, ow1) of one output row and channels [c0, c0 + NV vectors) = the row's taps applied to
+// x, accumulated in registers over every tap (weights w (taps, C), bias (C) or none)
+template <typename T, int NV>
+inline void forward_block(const Geometry& g, const InputRows<T>& rows, const T* w, const T* bias, T* yrow, int64_t c0,
+                          int64_t ow0, int64_t ow1) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t C = g.channels;
+  for (int64_t ow = ow0; ow < ow1; ++ow) {
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = bias != nullptr ? *reinterpret_cast<const U*>(bias + c0 + v * L) : V{};
+    const int64_t iw0 = ow * g.stride[2] - g.padding[2];
+    for (int64_t i = 0; i < rows.count; ++i) {
+      const T* xrow = rows.row[i] + c0;
+      const T* wrow = w + rows.tap0[i] * C + c0;
+      for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+        const int64_t iw = iw0 + kw * g.dilation[2];
+        if (iw < 0 || iw >= g.in[2]) continue;
+        const T* xp = xrow + iw * C;
+        const T* wp = wrow + kw * C;
+        for (int v = 0; v < NV; ++v)
+          acc[v] += *reinterpret_cast<const U*>(wp + v * L) * *reinterpret_cast<const U*>(xp + v * L);
+      }
+    }
+    T* yp = yrow + ow * C + c0;
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(yp + v * L) = acc[v];
+  }
+}
+
+// One output row r (over batch, depth and height) of y = conv(x[b], w) + bias, w and bias the row's sample's own
+// mixed kernel (taps, C) and bias (C, or none): blocks of four vectors of channels, each accumulated over every tap
+// in registers; channels past the last whole vector one at a time.
+template <typename T>
+inline void forward_row(const Geometry& g, const T* x, const T* w, const T* bias, T* y, int64_t r,
+                        InputRows<T>& rows) {
+  constexpr int L = Vec<T>::lanes;
+  constexpr int NV = 4;
   const int64_t C = g.channels;
   const int64_t b = r / (g.out[0] * g.out[1]);
   const int64_t od = (r / g.out[1]) % g.out[0], oh = r % g.out[1];
   T* yrow = y + r * g.out[2] * C;
+  rows.count = 0;
+  for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
+    rows.tap0[rows.count] = tap0;
+    rows.row[rows.count++] = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
+  });
+  const int64_t vectors = C / L;
+  int64_t c0 = 0;
+  for (; c0 + NV * L <= C; c0 += NV * L) forward_block<T, NV>(g, rows, w, bias, yrow, c0, 0, g.out[2]);
+  switch (vectors % NV) {
+    case 3: forward_block<T, 3>(g, rows, w, bias, yrow, c0, 0, g.out[2]); break;
+    case 2: forward_block<T, 2>(g, rows, w, bias, yrow, c0, 0, g.out[2]); break;
+    case 1: forward_block<T, 1>(g, rows, w, bias, yrow, c0, 0, g.out[2]); break;
+    default: break;
+  }
+  c0 = vectors * L;
+  if (c0 == C) return;
   for (int64_t ow = 0; ow < g.out[2]; ++ow) {
     T* yp = yrow + ow * C;
-    if (bias != nullptr) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yp[c] = bias[c];
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yp[c] = 0;
-    }
-    for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
-      const T* xrow = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
+    for (int64_t c = c0; c < C; ++c) yp[c] = bias != nullptr ? bias[c] : T(0);
+    const int64_t iw0 = ow * g.stride[2] - g.padding[2];
+    for (int64_t i = 0; i < rows.count; ++i) {
       for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-        const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+        const int64_t iw = iw0 + kw * g.dilation[2];
         if (iw < 0 || iw >= g.in[2]) continue;
-        const T* xp = xrow + iw * C;
-        const T* wp = w + (tap0 + kw) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yp[c] += wp[c] * xp[c];
+        const T* xp = rows.row[i] + iw * C;
+        const T* wp = w + (rows.tap0[i] + kw) * C;
+        for (int64_t c = c0; c < C; ++c) yp[c] += wp[c] * xp[c];
       }
-    });
+    }
   }
 }
 
 template <typename T>
 void forward_rows(const Geometry& g, const T* x, const T* mixed, const T* mixed_bias, T* y) {
   const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1];
-  at::parallel_for(0, g.out_rows(), 1, [&](int64_t begin, int64_t end) {
+  // a few thousand outputs per task at least: tiny outputs stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.out[2] * C));
+  at::parallel_for(0, g.out_rows(), grain, [&](int64_t begin, int64_t end) {
+    InputRows<T> scratch(g);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / rows;
-      forward_row(g, x, mixed + b * taps * C, mixed_bias != nullptr ? mixed_bias + b * C : nullptr, y, r);
+      forward_row(g, x, mixed + b * taps * C, mixed_bias != nullptr ? mixed_bias + b * C : nullptr, y, r, scratch);
     }
   });
 }
@@ -351,25 +426,57 @@ std::tuple<at::Tensor, at::Tensor> depthwise_backward(const at::Tensor& grad_y, 
 // (K, N) contiguous, out N contiguous, e.g. the thread's workspace); returns the mixed bias (or an empty tensor).
 // Sums are accumulated in double.
 
+// sums[c0 + i] += the sum of rows [p0, p1) of a (positions, C) matrix at columns c0 + i, i < NV vectors: summed
+// in registers (a short run of positions, so the partial sums stay exact enough), then added in double
+template <typename T, int NV>
+inline void add_column_sums(const T* data, int64_t C, int64_t c0, int64_t p0, int64_t p1, double* sums) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* row = data + p * C + c0;
+    for (int v = 0; v < NV; ++v) acc[v] += *reinterpret_cast<const U*>(row + v * L);
+  }
+  for (int v = 0; v < NV; ++v)
+    for (int i = 0; i < L; ++i) sums[c0 + v * L + i] += static_cast<double>(acc[v][i]);
+}
+
 template <typename T>
 void channel_sums(const at::Tensor& x, double* sums) {
   const int64_t C = x.size(1), positions = x.numel() / std::max<int64_t>(C, 1);
   const T* data = x.data_ptr<T>();
   std::fill(sums, sums + C, 0.0);
   if (channels_innermost(x)) {
-    // (positions, C) rows: a partial row of sums per block of positions, added in a fixed order
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), positions / 64));
+    // (positions, C) rows: each block of positions sums runs of kSumRun rows in registers, four vectors of
+    // channels at a time, into its own row of double partial sums; the blocks' rows are added in a fixed order
+    constexpr int64_t kSumRun = 64;
+    constexpr int L = Vec<T>::lanes;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), positions / 1024));
     const int64_t per_block = (positions + blocks - 1) / blocks;
     std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
+    const int64_t vectors = C / L, whole = vectors / 4 * 4 * L;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        double* acc = partial.data() + blk * C;
-        const int64_t p1 = std::min(positions, (blk + 1) * per_block);
-        for (int64_t p = blk * per_block; p < p1; ++p) {
-          const T* row = data + p * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(row[c]);
+        std::vector<double> acc(static_cast<size_t>(C), 0.0);
+        const int64_t p_end = std::min(positions, (blk + 1) * per_block);
+        for (int64_t p0 = blk * per_block; p0 < p_end; p0 += kSumRun) {
+          const int64_t p1 = std::min(p_end, p0 + kSumRun);
+          for (int64_t c0 = 0; c0 < whole; c0 += 4 * L) add_column_sums<T, 4>(data, C, c0, p0, p1, acc.data());
+          switch (vectors % 4) {
+            case 3: add_column_sums<T, 3>(data, C, whole, p0, p1, acc.data()); break;
+            case 2: add_column_sums<T, 2>(data, C, whole, p0, p1, acc.data()); break;
+            case 1: add_column_sums<T, 1>(data, C, whole, p0, p1, acc.data()); break;
+            default: break;
+          }
+          for (int64_t c = vectors * L; c < C; ++c) {
+            double a = 0.0;
+            for (int64_t p = p0; p < p1; ++p) a += static_cast<double>(data[p * C + c]);
+            acc[c] += a;
+          }
         }
+        std::copy(acc.begin(), acc.end(), partial.begin() + blk * C);
       }
     });
     for (int64_t blk = 0; blk < blocks; ++blk)
@@ -391,13 +498,41 @@ void channel_sums(const at::Tensor& x, double* sums) {
 template <typename T>
 void linear(const T* w, const T* b, const double* in, double* out, int64_t rows, int64_t cols, double alpha,
             double beta) {
-  // out = alpha * (w @ in) + beta * b
-  for (int64_t r = 0; r < rows; ++r) {
+  // out = alpha * (w @ in) + beta * b: the products summed in vectors of T, four rows at a time (four independent
+  // sums in flight), as PyTorch's own matrix-vector product sums them; each row's lanes added in double
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  std::vector<T> x(in, in + cols);
+  const int64_t whole = cols / L * L;
+  auto finish = [&](int64_t r, const V& acc) {
+    double total = 0.0;
+    for (int i = 0; i < L; ++i) total += static_cast<double>(acc[i]);
     const T* wr = w + r * cols;
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < cols; ++c) acc += static_cast<double>(wr[c]) * in[c];
-    out[r] = alpha * acc + beta * static_cast<double>(b[r]);
+    for (int64_t c = whole; c < cols; ++c) total += static_cast<double>(wr[c]) * in[c];
+    out[r] = alpha * total + beta * static_cast<double>(b[r]);
+  };
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* w0 = w + r * cols;
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t c = 0; c < whole; c += L) {
+      const V xv = *reinterpret_cast<const U*>(x.data() + c);
+      a0 += *reinterpret_cast<const U*>(w0 + c) * xv;
+      a1 += *reinterpret_cast<const U*>(w0 + cols + c) * xv;
+      a2 += *reinterpret_cast<const U*>(w0 + 2 * cols + c) * xv;
+      a3 += *reinterpret_cast<const U*>(w0 + 3 * cols + c) * xv;
+    }
+    finish(r, a0);
+    finish(r + 1, a1);
+    finish(r + 2, a2);
+    finish(r + 3, a3);
+  }
+  for (; r < rows; ++r) {
+    const T* wr = w + r * cols;
+    V acc{};
+    for (int64_t c = 0; c < whole; c += L) acc += *reinterpret_cast<const U*>(wr + c) * *reinterpret_cast<const U*>(x.data() + c);
+    finish(r, acc);
   }
 }
 
@@ -486,6 +621,22 @@ at::Tensor one_sample_attention(const at::Tensor& x, const at::Tensor& w1, const
   return out;
 }
 
+// Batch-1 inference of a depthwise layer on channels-innermost input: the attention (as one_sample_attention), then
+// depthwise_forward, in one call. Returns y (1, C, *out), channels innermost.
+at::Tensor one_sample_depthwise(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                const at::Tensor& b2, double scale, const at::Tensor& experts,
+                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation) {
+  TORCH_CHECK(x.size(0) == 1, "dyconv one_sample_depthwise: x must be one sample (1, C, *spatial), got ", x.sizes());
+  check_input(x, "input");
+  check_attention(x, w1, b1, w2, b2);
+  auto attention = at::empty({1, w2.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_one_sample_depthwise", [&] {
+    sample_attention<scalar_t>(x, w1, b1, w2, b2, scale, attention.data_ptr<scalar_t>());
+  });
+  return std::get<0>(depthwise_forward(x, experts, attention, bias, stride, padding, dilation));
+}
+
 at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                           const at::Tensor& b2, double scale, const at::Tensor& experts, at::Tensor& out,
                           const c10::optional<at::Tensor>& bias) {
@@ -532,19 +683,6 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
 // partial sums for the block wait in a buffer between the KC steps. The kernel element order k is the experts' own memory order (input channel then tap
 // for contiguous experts, tap then input channel for channels_last ones), so each expert row is read contiguously;
 // a table gives each k's input offset.
-
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;
-#else
-constexpr int kVectorBytes = 32;
-#endif
-
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(kVectorBytes)));
-  typedef T unaligned __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)), may_alias));
-  static constexpr int lanes = kVectorBytes / sizeof(T);
-};
 
 constexpr int kTileChannels = 6;  // NR: output channels per register tile
 constexpr int kTileVectors = 4;   // MV: vectors of positions per register tile
@@ -1211,6 +1349,8 @@ TORCH_LIBRARY(dyconv_cpu, m) {
   m.def("one_sample_mix(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
         "Tensor(a!) out, Tensor? bias) -> Tensor");
   m.def("one_sample_attention(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale) -> Tensor");
+  m.def("one_sample_depthwise(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
+        "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation) "
         "-> Tensor");
   m.def("dense_backward(Tensor grad_y, Tensor x, Tensor experts, Tensor attention, int[] padding, int[] dilation, "
@@ -1222,6 +1362,7 @@ TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
   m.impl("depthwise_backward", depthwise_backward);
   m.impl("one_sample_mix", one_sample_mix);
   m.impl("one_sample_attention", one_sample_attention);
+  m.impl("one_sample_depthwise", one_sample_depthwise);
   m.impl("dense_forward", dense_forward);
   m.impl("dense_backward", dense_backward);
 }
