@@ -246,8 +246,8 @@ def test_batch1_depthwise_in_one_call(rank, case, bias, monkeypatch):
 @pytest.mark.parametrize("channels", VECTOR_CHANNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_vector_block_of_the_depthwise_kernel(channels, dtype, monkeypatch):
-    """Channel counts reaching every block of the forward's register tiles and the channels past them, forward and
-    gradients of the strategy at batch 3, and the batch-1 call, whose attention sums the input in runs of 64
+    """Channel counts reaching every block of the forward's and backward's register tiles and the channels past them,
+    forward and gradients of the strategy at batch 3 (against the float64 ``"loop"`` strategy's), and the batch-1 call, whose attention sums the input in runs of 64
     positions over two blocks (2350 positions: a partial run) and computes the linear layers four rows at a time
     (hidden width channels // 4, five experts: whole groups and a remainder), against the float64 reference."""
     layer = DynamicConv2d(channels, channels, 3, padding=1, groups=channels, num_experts=5, temperature=2.0,
@@ -260,8 +260,13 @@ def test_every_vector_block_of_the_depthwise_kernel(channels, dtype, monkeypatch
             mx.requires_grad_()
             out = run(ml, mx, "depthwise_kernel")
             torch.testing.assert_close(out, expected, **TOL[dtype])
-            if dtype == torch.float64:
-                assert_gradients_match_loop(ml, mx, out)
+            params = [mx, ml.weight, ml.bias, *ml.router.parameters()]
+            grads = torch.autograd.grad(out.sin().sum(), params)
+            layer, x = layer.double(), x.requires_grad_()
+            params = [x, layer.weight, layer.bias, *layer.router.parameters()]
+            expected_grads = torch.autograd.grad(run(layer, x, "loop").sin().sum(), params)
+            for g, e in zip(grads, expected_grads):
+                torch.testing.assert_close(g, e.to(dtype), **TOL[dtype])
         else:
             calls = spy_on_op(monkeypatch, "one_sample_depthwise")
             with torch.no_grad():

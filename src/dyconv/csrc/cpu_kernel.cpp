@@ -152,20 +152,21 @@ inline void for_each_input_row(const Geometry& g, int64_t od, int64_t oh, F&& f)
   }
 }
 
-// The input rows one output row (od, oh) of a sample reads: the first tap of each kernel row (kd, kh) whose input
-// row lies inside the input, and that input row's start in x (room for every kernel row, reused from row to row).
+// The rows one row of a loop reads through the kernel rows (kd, kh) (in the forward, the input rows an output row
+// (od, oh) reads): each kernel row's first tap and the row's start in the tensor read (room for every kernel row,
+// reused from row to row).
 template <typename T>
-struct InputRows {
+struct TapRows {
   int64_t count = 0;
   std::vector<int64_t> tap0;
   std::vector<const T*> row;
-  explicit InputRows(const Geometry& g) : tap0(g.kernel[0] * g.kernel[1]), row(g.kernel[0] * g.kernel[1]) {}
+  explicit TapRows(const Geometry& g) : tap0(g.kernel[0] * g.kernel[1]), row(g.kernel[0] * g.kernel[1]) {}
 };
 
 // y at output positions [ow0, ow1) of one output row and channels [c0, c0 + NV vectors) = the row's taps applied to
 // x, accumulated in registers over every tap (weights w (taps, C), bias (C) or none)
 template <typename T, int NV>
-inline void forward_block(const Geometry& g, const InputRows<T>& rows, const T* w, const T* bias, T* yrow, int64_t c0,
+inline void forward_block(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* yrow, int64_t c0,
                           int64_t ow0, int64_t ow1) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::unaligned U;
@@ -197,7 +198,7 @@ inline void forward_block(const Geometry& g, const InputRows<T>& rows, const T* 
 // in registers; channels past the last whole vector one at a time.
 template <typename T>
 inline void forward_row(const Geometry& g, const T* x, const T* w, const T* bias, T* y, int64_t r,
-                        InputRows<T>& rows) {
+                        TapRows<T>& rows) {
   constexpr int L = Vec<T>::lanes;
   constexpr int NV = 4;
   const int64_t C = g.channels;
@@ -242,7 +243,7 @@ void forward_rows(const Geometry& g, const T* x, const T* mixed, const T* mixed_
   // a few thousand outputs per task at least: tiny outputs stay on one thread
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.out[2] * C));
   at::parallel_for(0, g.out_rows(), grain, [&](int64_t begin, int64_t end) {
-    InputRows<T> scratch(g);
+    TapRows<T> scratch(g);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / rows;
       forward_row(g, x, mixed + b * taps * C, mixed_bias != nullptr ? mixed_bias + b * C : nullptr, y, r, scratch);
@@ -250,42 +251,97 @@ void forward_rows(const Geometry& g, const T* x, const T* mixed, const T* mixed_
   });
 }
 
+// Calls f(tap0, row) for every kernel row (kd, kh) through which the input row (id, ih) reaches an output row inside
+// the output: tap0 is the kernel row's first tap, row that output row within a sample (od * OH + oh).
+template <typename F>
+inline void for_each_output_row(const Geometry& g, int64_t id, int64_t ih, F&& f) {
+  for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
+    const int64_t nd = id + g.padding[0] - kd * g.dilation[0];
+    if (nd < 0 || nd % g.stride[0] != 0 || nd / g.stride[0] >= g.out[0]) continue;
+    for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
+      const int64_t nh = ih + g.padding[1] - kh * g.dilation[1];
+      if (nh < 0 || nh % g.stride[1] != 0 || nh / g.stride[1] >= g.out[1]) continue;
+      f((kd * g.kernel[1] + kh) * g.kernel[2], nd / g.stride[0] * g.out[1] + nh / g.stride[1]);
+    }
+  }
+}
+
+// The output position of input column iw through kernel column kw, or -1 where none
+inline int64_t output_column(const Geometry& g, int64_t iw, int64_t kw) {
+  const int64_t nw = iw + g.padding[2] - kw * g.dilation[2];
+  if (nw < 0 || nw % g.stride[2] != 0 || nw / g.stride[2] >= g.out[2]) return -1;
+  return nw / g.stride[2];
+}
+
+// grad_x at input columns [0, W) of one input row and channels [c0, c0 + NV vectors), summed in registers over every
+// tap that reaches them (grad_y rows as TapRows, w the sample's mixed kernel (taps, C))
+template <typename T, int NV>
+inline void grad_input_block(const Geometry& g, const TapRows<T>& rows, const T* w, T* gxrow, int64_t c0) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t C = g.channels;
+  for (int64_t iw = 0; iw < g.in[2]; ++iw) {
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    for (int64_t i = 0; i < rows.count; ++i) {
+      const T* gyrow = rows.row[i] + c0;
+      const T* wrow = w + rows.tap0[i] * C + c0;
+      for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+        const int64_t ow = output_column(g, iw, kw);
+        if (ow < 0) continue;
+        const T* gp = gyrow + ow * C;
+        const T* wp = wrow + kw * C;
+        for (int v = 0; v < NV; ++v)
+          acc[v] += *reinterpret_cast<const U*>(wp + v * L) * *reinterpret_cast<const U*>(gp + v * L);
+      }
+    }
+    T* out = gxrow + iw * C + c0;
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(out + v * L) = acc[v];
+  }
+}
+
 // grad_x[b, i] = sum over taps t and output positions o with o * stride - padding + t * dilation = i of
-// mixed[b][t] * grad_y[b, o]: gathered per input row, so that no two threads write the same element.
+// mixed[b][t] * grad_y[b, o]: gathered per input row, so that no two threads write the same element; blocks of four
+// vectors of channels summed in registers, channels past the last whole vector one at a time.
 template <typename T>
 void grad_input_rows(const Geometry& g, const T* gy, const T* mixed, T* gx) {
-  const int64_t C = g.channels, taps = g.taps();
-  at::parallel_for(0, g.in_rows(), 1, [&](int64_t begin, int64_t end) {
+  constexpr int L = Vec<T>::lanes;
+  constexpr int NV = 4;
+  const int64_t C = g.channels, taps = g.taps(), vectors = C / L;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.in[2] * C));
+  at::parallel_for(0, g.in_rows(), grain, [&](int64_t begin, int64_t end) {
+    TapRows<T> rows(g);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (g.in[0] * g.in[1]);
       const int64_t id = (r / g.in[1]) % g.in[0], ih = r % g.in[1];
       const T* w = mixed + b * taps * C;
       T* gxrow = gx + r * g.in_row();
+      rows.count = 0;
+      for_each_output_row(g, id, ih, [&](int64_t tap0, int64_t row) {
+        rows.tap0[rows.count] = tap0;
+        rows.row[rows.count++] = gy + (b * g.out[0] * g.out[1] + row) * g.out[2] * C;
+      });
+      int64_t c0 = 0;
+      for (; c0 + NV * L <= C; c0 += NV * L) grad_input_block<T, NV>(g, rows, w, gxrow, c0);
+      switch (vectors % NV) {
+        case 3: grad_input_block<T, 3>(g, rows, w, gxrow, c0); break;
+        case 2: grad_input_block<T, 2>(g, rows, w, gxrow, c0); break;
+        case 1: grad_input_block<T, 1>(g, rows, w, gxrow, c0); break;
+        default: break;
+      }
+      c0 = vectors * L;
+      if (c0 == C) continue;
       for (int64_t iw = 0; iw < g.in[2]; ++iw) {
         T* gp = gxrow + iw * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gp[c] = 0;
-        for (int64_t kd = 0; kd < g.kernel[0]; ++kd) {
-          const int64_t nd = id + g.padding[0] - kd * g.dilation[0];
-          if (nd < 0 || nd % g.stride[0] != 0) continue;
-          const int64_t od = nd / g.stride[0];
-          if (od >= g.out[0]) continue;
-          for (int64_t kh = 0; kh < g.kernel[1]; ++kh) {
-            const int64_t nh = ih + g.padding[1] - kh * g.dilation[1];
-            if (nh < 0 || nh % g.stride[1] != 0) continue;
-            const int64_t oh = nh / g.stride[1];
-            if (oh >= g.out[1]) continue;
-            const T* gyrow = gy + ((b * g.out[0] + od) * g.out[1] + oh) * g.out[2] * C;
-            for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-              const int64_t nw = iw + g.padding[2] - kw * g.dilation[2];
-              if (nw < 0 || nw % g.stride[2] != 0) continue;
-              const int64_t ow = nw / g.stride[2];
-              if (ow >= g.out[2]) continue;
-              const T* gyp = gyrow + ow * C;
-              const T* wp = w + ((kd * g.kernel[1] + kh) * g.kernel[2] + kw) * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) gp[c] += wp[c] * gyp[c];
-            }
+        for (int64_t c = c0; c < C; ++c) gp[c] = 0;
+        for (int64_t i = 0; i < rows.count; ++i) {
+          for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+            const int64_t ow = output_column(g, iw, kw);
+            if (ow < 0) continue;
+            const T* gyp = rows.row[i] + ow * C;
+            const T* wp = w + (rows.tap0[i] + kw) * C;
+            for (int64_t c = c0; c < C; ++c) gp[c] += wp[c] * gyp[c];
           }
         }
       }
@@ -293,12 +349,40 @@ void grad_input_rows(const Geometry& g, const T* gy, const T* mixed, T* gx) {
   });
 }
 
+// acc[(tap0 + kw) * C + c0 + j] += sum over output columns ow of grad_y[ow, c0 + j] * x[ow * stride - padding +
+// kw * dilation, c0 + j], for every kw and j < NV vectors: one output row against one of its input rows, each tap's
+// sum over the row in registers
+template <typename T, int NV>
+inline void grad_mixed_block(const Geometry& g, const T* gyrow, const T* xrow, int64_t tap0, T* acc, int64_t c0) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t C = g.channels;
+  for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+    V sum[NV];
+    for (int v = 0; v < NV; ++v) sum[v] = V{};
+    for (int64_t ow = 0; ow < g.out[2]; ++ow) {
+      const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+      if (iw < 0 || iw >= g.in[2]) continue;
+      const T* gp = gyrow + ow * C + c0;
+      const T* xp = xrow + iw * C + c0;
+      for (int v = 0; v < NV; ++v)
+        sum[v] += *reinterpret_cast<const U*>(gp + v * L) * *reinterpret_cast<const U*>(xp + v * L);
+    }
+    T* ap = acc + (tap0 + kw) * C + c0;
+    for (int v = 0; v < NV; ++v)
+      *reinterpret_cast<U*>(ap + v * L) = *reinterpret_cast<const U*>(ap + v * L) + sum[v];
+  }
+}
+
 // grad_mixed[b][t][c] = sum over output positions o of grad_y[b, o, c] * x[b, o * stride - padding + t * dilation, c].
 // Each sample's output rows are cut into blocks (enough blocks in all for every thread); each block sums into
 // its own partial buffer, and the partials of a sample are added in a fixed order (deterministic results).
 template <typename T>
 void grad_mixed_rows(const Geometry& g, const T* gy, const T* x, T* gw) {
-  const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1];
+  constexpr int L = Vec<T>::lanes;
+  constexpr int NV = 4;
+  const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1], vectors = C / L;
   const int64_t threads = at::get_num_threads();
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, (2 * threads + g.batch - 1) / g.batch));
   const int64_t rows_per_block = (rows + blocks - 1) / blocks;
@@ -314,15 +398,23 @@ void grad_mixed_rows(const Geometry& g, const T* gy, const T* x, T* gw) {
         const T* gyrow = gy + (b * rows + r) * g.out[2] * C;
         for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
           const T* xrow = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
-          for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+          int64_t c0 = 0;
+          for (; c0 + NV * L <= C; c0 += NV * L) grad_mixed_block<T, NV>(g, gyrow, xrow, tap0, acc, c0);
+          switch (vectors % NV) {
+            case 3: grad_mixed_block<T, 3>(g, gyrow, xrow, tap0, acc, c0); break;
+            case 2: grad_mixed_block<T, 2>(g, gyrow, xrow, tap0, acc, c0); break;
+            case 1: grad_mixed_block<T, 1>(g, gyrow, xrow, tap0, acc, c0); break;
+            default: break;
+          }
+          c0 = vectors * L;
+          for (int64_t kw = 0; kw < g.kernel[2] && c0 < C; ++kw) {
             T* ap = acc + (tap0 + kw) * C;
             for (int64_t ow = 0; ow < g.out[2]; ++ow) {
               const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
               if (iw < 0 || iw >= g.in[2]) continue;
               const T* xp = xrow + iw * C;
               const T* gyp = gyrow + ow * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) ap[c] += gyp[c] * xp[c];
+              for (int64_t c = c0; c < C; ++c) ap[c] += gyp[c] * xp[c];
             }
           }
         });
