@@ -10,7 +10,8 @@
   depthwise layers) is kept for backward.
 * Batch-1 inference of every layer (:mod:`dyconv._one_sample`): ``torch.ops.dyconv_cpu.one_sample_mix`` computes
   the attention (input sum, the two linear layers, ReLU, softmax with the temperature) and mixes the kernel into
-  the thread's workspace in one call, where PyTorch operators take six.
+  the thread's workspace in one call, where PyTorch operators take six; for depthwise layers on channels_last input
+  ``one_sample_depthwise`` computes the attention and then runs ``depthwise_forward``, the whole layer in one call.
 * The ``"dense_kernel"`` strategy: ungrouped stride-1 layers with zero padding.
   ``torch.ops.dyconv_cpu.dense_forward`` mixes each sample's kernel inside the convolution's own tiles (a few
   output channels and a few hundred kernel elements at a time, into a buffer that stays in L1), so the per-sample

@@ -516,7 +516,8 @@ std::tuple<at::Tensor, at::Tensor> depthwise_backward(const at::Tensor& grad_y, 
 // Batch-1 inference of any dynamic layer (dyconv/_one_sample.py): the attention and the mixing in one call.
 // attention = softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)); out = sum_k attention[k] * experts[k] (experts
 // (K, N) contiguous, out N contiguous, e.g. the thread's workspace); returns the mixed bias (or an empty tensor).
-// Sums are accumulated in double.
+// The input's sums, the hidden layer and the logits are carried in double (channels_last input summed in runs of 64
+// positions in its own dtype first, the linear layers' products summed in vectors of its dtype, each row's lanes in double).
 
 // sums[c0 + i] += the sum of rows [p0, p1) of a (positions, C) matrix at columns c0 + i, i < NV vectors: summed
 // in registers (a short run of positions, so the partial sums stay exact enough), then added in double
