@@ -180,7 +180,11 @@ def fit(config: TrainConfig | None = None, *, create_model: Callable[..., nn.Mod
         torch.set_num_threads(config.threads)
     info, device = distributed.init_distributed(config.device)
     try:
-        return _fit(config, create_model, info, device)
+        results = _fit(config, create_model, info, device)
+        # every process leaves together: rank 0 alone still works after the test set (attention statistics, the
+        # results file), and one CI run saw the other rank abort in gloo's teardown at exit after finishing first
+        distributed.barrier()
+        return results
     finally:
         distributed.cleanup()
 
