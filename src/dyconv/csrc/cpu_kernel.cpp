@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -163,78 +164,90 @@ struct TapRows {
   explicit TapRows(const Geometry& g) : tap0(g.kernel[0] * g.kernel[1]), row(g.kernel[0] * g.kernel[1]) {}
 };
 
-// y at output positions [ow0, ow1) of one output row and channels [c0, c0 + NV vectors) = the row's taps applied to
-// x, accumulated in registers over every tap (weights w (taps, C), bias (C) or none)
-template <typename T, int NV>
-inline void forward_block(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* yrow, int64_t c0,
-                          int64_t ow0, int64_t ow1) {
+// Calls f(std::integral_constant<int, NV>(), c0) for blocks of NV <= 4 whole vectors of channels starting at c0,
+// covering the channels [0, C / lanes * lanes) (four vectors at a time, then the one to three left), and returns
+// the first channel past the last whole vector (for the caller to handle one at a time).
+template <typename T, typename F>
+inline int64_t for_each_channel_block(int64_t C, F&& f) {
+  constexpr int L = Vec<T>::lanes;
+  const int64_t vectors = C / L;
+  int64_t c0 = 0;
+  for (; c0 + 4 * L <= C; c0 += 4 * L) f(std::integral_constant<int, 4>(), c0);
+  switch (vectors % 4) {
+    case 3: f(std::integral_constant<int, 3>(), c0); break;
+    case 2: f(std::integral_constant<int, 2>(), c0); break;
+    case 1: f(std::integral_constant<int, 1>(), c0); break;
+    default: break;
+  }
+  return vectors * L;
+}
+
+// out[p][c] = (bias ? bias[c] : 0) + sum over the rows i and kernel columns kw with q = column(p, kw) >= 0 of
+// w[tap0_i + kw][c] * row_i[q][c], for the P positions p of one row of a channels-innermost tensor (w (taps, C)).
+// The forward (rows: the input rows an output row reads; column: the input column an output position reads through
+// kw) and the input gradient (rows: the output-gradient rows an input row receives from; column: the output column
+// that reaches an input position through kw) share it. Each position's blocks of up to four vectors of channels are
+// summed over every tap in registers, then stored once; channels past the last whole vector one at a time.
+template <typename T, typename Column>
+inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* out, int64_t P,
+                     Column column) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::unaligned U;
   constexpr int L = Vec<T>::lanes;
   const int64_t C = g.channels;
-  for (int64_t ow = ow0; ow < ow1; ++ow) {
-    V acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = bias != nullptr ? *reinterpret_cast<const U*>(bias + c0 + v * L) : V{};
-    const int64_t iw0 = ow * g.stride[2] - g.padding[2];
+  const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
+    constexpr int NV = decltype(nv)::value;
+    for (int64_t p = 0; p < P; ++p) {
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = bias != nullptr ? *reinterpret_cast<const U*>(bias + c0 + v * L) : V{};
+      for (int64_t i = 0; i < rows.count; ++i) {
+        const T* src = rows.row[i] + c0;
+        const T* wrow = w + rows.tap0[i] * C + c0;
+        for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
+          const int64_t q = column(p, kw);
+          if (q < 0) continue;
+          const T* sp = src + q * C;
+          const T* wp = wrow + kw * C;
+          for (int v = 0; v < NV; ++v)
+            acc[v] += *reinterpret_cast<const U*>(wp + v * L) * *reinterpret_cast<const U*>(sp + v * L);
+        }
+      }
+      T* op = out + p * C + c0;
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(op + v * L) = acc[v];
+    }
+  });
+  if (tail == C) return;
+  for (int64_t p = 0; p < P; ++p) {
+    T* op = out + p * C;
+    for (int64_t c = tail; c < C; ++c) op[c] = bias != nullptr ? bias[c] : T(0);
     for (int64_t i = 0; i < rows.count; ++i) {
-      const T* xrow = rows.row[i] + c0;
-      const T* wrow = w + rows.tap0[i] * C + c0;
       for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-        const int64_t iw = iw0 + kw * g.dilation[2];
-        if (iw < 0 || iw >= g.in[2]) continue;
-        const T* xp = xrow + iw * C;
-        const T* wp = wrow + kw * C;
-        for (int v = 0; v < NV; ++v)
-          acc[v] += *reinterpret_cast<const U*>(wp + v * L) * *reinterpret_cast<const U*>(xp + v * L);
+        const int64_t q = column(p, kw);
+        if (q < 0) continue;
+        const T* sp = rows.row[i] + q * C;
+        const T* wp = w + (rows.tap0[i] + kw) * C;
+        for (int64_t c = tail; c < C; ++c) op[c] += wp[c] * sp[c];
       }
     }
-    T* yp = yrow + ow * C + c0;
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(yp + v * L) = acc[v];
   }
 }
 
 // One output row r (over batch, depth and height) of y = conv(x[b], w) + bias, w and bias the row's sample's own
-// mixed kernel (taps, C) and bias (C, or none): blocks of four vectors of channels, each accumulated over every tap
-// in registers; channels past the last whole vector one at a time.
+// mixed kernel (taps, C) and bias (C, or none).
 template <typename T>
 inline void forward_row(const Geometry& g, const T* x, const T* w, const T* bias, T* y, int64_t r,
                         TapRows<T>& rows) {
-  constexpr int L = Vec<T>::lanes;
-  constexpr int NV = 4;
-  const int64_t C = g.channels;
   const int64_t b = r / (g.out[0] * g.out[1]);
   const int64_t od = (r / g.out[1]) % g.out[0], oh = r % g.out[1];
-  T* yrow = y + r * g.out[2] * C;
   rows.count = 0;
   for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
     rows.tap0[rows.count] = tap0;
     rows.row[rows.count++] = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
   });
-  const int64_t vectors = C / L;
-  int64_t c0 = 0;
-  for (; c0 + NV * L <= C; c0 += NV * L) forward_block<T, NV>(g, rows, w, bias, yrow, c0, 0, g.out[2]);
-  switch (vectors % NV) {
-    case 3: forward_block<T, 3>(g, rows, w, bias, yrow, c0, 0, g.out[2]); break;
-    case 2: forward_block<T, 2>(g, rows, w, bias, yrow, c0, 0, g.out[2]); break;
-    case 1: forward_block<T, 1>(g, rows, w, bias, yrow, c0, 0, g.out[2]); break;
-    default: break;
-  }
-  c0 = vectors * L;
-  if (c0 == C) return;
-  for (int64_t ow = 0; ow < g.out[2]; ++ow) {
-    T* yp = yrow + ow * C;
-    for (int64_t c = c0; c < C; ++c) yp[c] = bias != nullptr ? bias[c] : T(0);
-    const int64_t iw0 = ow * g.stride[2] - g.padding[2];
-    for (int64_t i = 0; i < rows.count; ++i) {
-      for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-        const int64_t iw = iw0 + kw * g.dilation[2];
-        if (iw < 0 || iw >= g.in[2]) continue;
-        const T* xp = rows.row[i] + iw * C;
-        const T* wp = w + (rows.tap0[i] + kw) * C;
-        for (int64_t c = c0; c < C; ++c) yp[c] += wp[c] * xp[c];
-      }
-    }
-  }
+  tap_sums(g, rows, w, bias, y + r * g.out[2] * g.channels, g.out[2], [&](int64_t ow, int64_t kw) -> int64_t {
+    const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+    return iw < 0 || iw >= g.in[2] ? -1 : iw;
+  });
 }
 
 template <typename T>
@@ -273,78 +286,24 @@ inline int64_t output_column(const Geometry& g, int64_t iw, int64_t kw) {
   return nw / g.stride[2];
 }
 
-// grad_x at input columns [0, W) of one input row and channels [c0, c0 + NV vectors), summed in registers over every
-// tap that reaches them (grad_y rows as TapRows, w the sample's mixed kernel (taps, C))
-template <typename T, int NV>
-inline void grad_input_block(const Geometry& g, const TapRows<T>& rows, const T* w, T* gxrow, int64_t c0) {
-  typedef typename Vec<T>::type V;
-  typedef typename Vec<T>::unaligned U;
-  constexpr int L = Vec<T>::lanes;
-  const int64_t C = g.channels;
-  for (int64_t iw = 0; iw < g.in[2]; ++iw) {
-    V acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = V{};
-    for (int64_t i = 0; i < rows.count; ++i) {
-      const T* gyrow = rows.row[i] + c0;
-      const T* wrow = w + rows.tap0[i] * C + c0;
-      for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-        const int64_t ow = output_column(g, iw, kw);
-        if (ow < 0) continue;
-        const T* gp = gyrow + ow * C;
-        const T* wp = wrow + kw * C;
-        for (int v = 0; v < NV; ++v)
-          acc[v] += *reinterpret_cast<const U*>(wp + v * L) * *reinterpret_cast<const U*>(gp + v * L);
-      }
-    }
-    T* out = gxrow + iw * C + c0;
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(out + v * L) = acc[v];
-  }
-}
-
 // grad_x[b, i] = sum over taps t and output positions o with o * stride - padding + t * dilation = i of
-// mixed[b][t] * grad_y[b, o]: gathered per input row, so that no two threads write the same element; blocks of four
-// vectors of channels summed in registers, channels past the last whole vector one at a time.
+// mixed[b][t] * grad_y[b, o]: gathered per input row (tap_sums), so that no two threads write the same element.
 template <typename T>
 void grad_input_rows(const Geometry& g, const T* gy, const T* mixed, T* gx) {
-  constexpr int L = Vec<T>::lanes;
-  constexpr int NV = 4;
-  const int64_t C = g.channels, taps = g.taps(), vectors = C / L;
+  const int64_t C = g.channels, taps = g.taps();
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.in[2] * C));
   at::parallel_for(0, g.in_rows(), grain, [&](int64_t begin, int64_t end) {
     TapRows<T> rows(g);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (g.in[0] * g.in[1]);
       const int64_t id = (r / g.in[1]) % g.in[0], ih = r % g.in[1];
-      const T* w = mixed + b * taps * C;
-      T* gxrow = gx + r * g.in_row();
       rows.count = 0;
       for_each_output_row(g, id, ih, [&](int64_t tap0, int64_t row) {
         rows.tap0[rows.count] = tap0;
         rows.row[rows.count++] = gy + (b * g.out[0] * g.out[1] + row) * g.out[2] * C;
       });
-      int64_t c0 = 0;
-      for (; c0 + NV * L <= C; c0 += NV * L) grad_input_block<T, NV>(g, rows, w, gxrow, c0);
-      switch (vectors % NV) {
-        case 3: grad_input_block<T, 3>(g, rows, w, gxrow, c0); break;
-        case 2: grad_input_block<T, 2>(g, rows, w, gxrow, c0); break;
-        case 1: grad_input_block<T, 1>(g, rows, w, gxrow, c0); break;
-        default: break;
-      }
-      c0 = vectors * L;
-      if (c0 == C) continue;
-      for (int64_t iw = 0; iw < g.in[2]; ++iw) {
-        T* gp = gxrow + iw * C;
-        for (int64_t c = c0; c < C; ++c) gp[c] = 0;
-        for (int64_t i = 0; i < rows.count; ++i) {
-          for (int64_t kw = 0; kw < g.kernel[2]; ++kw) {
-            const int64_t ow = output_column(g, iw, kw);
-            if (ow < 0) continue;
-            const T* gyp = rows.row[i] + ow * C;
-            const T* wp = w + (rows.tap0[i] + kw) * C;
-            for (int64_t c = c0; c < C; ++c) gp[c] += wp[c] * gyp[c];
-          }
-        }
-      }
+      tap_sums(g, rows, mixed + b * taps * C, static_cast<const T*>(nullptr), gx + r * g.in_row(), g.in[2],
+               [&](int64_t iw, int64_t kw) { return output_column(g, iw, kw); });
     }
   });
 }
@@ -380,9 +339,7 @@ inline void grad_mixed_block(const Geometry& g, const T* gyrow, const T* xrow, i
 // its own partial buffer, and the partials of a sample are added in a fixed order (deterministic results).
 template <typename T>
 void grad_mixed_rows(const Geometry& g, const T* gy, const T* x, T* gw) {
-  constexpr int L = Vec<T>::lanes;
-  constexpr int NV = 4;
-  const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1], vectors = C / L;
+  const int64_t C = g.channels, taps = g.taps(), rows = g.out[0] * g.out[1];
   const int64_t threads = at::get_num_threads();
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, (2 * threads + g.batch - 1) / g.batch));
   const int64_t rows_per_block = (rows + blocks - 1) / blocks;
@@ -398,15 +355,9 @@ void grad_mixed_rows(const Geometry& g, const T* gy, const T* x, T* gw) {
         const T* gyrow = gy + (b * rows + r) * g.out[2] * C;
         for_each_input_row(g, od, oh, [&](int64_t tap0, int64_t row) {
           const T* xrow = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
-          int64_t c0 = 0;
-          for (; c0 + NV * L <= C; c0 += NV * L) grad_mixed_block<T, NV>(g, gyrow, xrow, tap0, acc, c0);
-          switch (vectors % NV) {
-            case 3: grad_mixed_block<T, 3>(g, gyrow, xrow, tap0, acc, c0); break;
-            case 2: grad_mixed_block<T, 2>(g, gyrow, xrow, tap0, acc, c0); break;
-            case 1: grad_mixed_block<T, 1>(g, gyrow, xrow, tap0, acc, c0); break;
-            default: break;
-          }
-          c0 = vectors * L;
+          const int64_t c0 = for_each_channel_block<T>(C, [&](auto nv, int64_t c) {
+            grad_mixed_block<T, decltype(nv)::value>(g, gyrow, xrow, tap0, acc, c);
+          });
           for (int64_t kw = 0; kw < g.kernel[2] && c0 < C; ++kw) {
             T* ap = acc + (tap0 + kw) * C;
             for (int64_t ow = 0; ow < g.out[2]; ++ow) {
@@ -545,25 +496,19 @@ void channel_sums(const at::Tensor& x, double* sums) {
     // (positions, C) rows: each block of positions sums runs of kSumRun rows in registers, four vectors of
     // channels at a time, into its own row of double partial sums; the blocks' rows are added in a fixed order
     constexpr int64_t kSumRun = 64;
-    constexpr int L = Vec<T>::lanes;
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), positions / 1024));
     const int64_t per_block = (positions + blocks - 1) / blocks;
     std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
-    const int64_t vectors = C / L, whole = vectors / 4 * 4 * L;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         std::vector<double> acc(static_cast<size_t>(C), 0.0);
         const int64_t p_end = std::min(positions, (blk + 1) * per_block);
         for (int64_t p0 = blk * per_block; p0 < p_end; p0 += kSumRun) {
           const int64_t p1 = std::min(p_end, p0 + kSumRun);
-          for (int64_t c0 = 0; c0 < whole; c0 += 4 * L) add_column_sums<T, 4>(data, C, c0, p0, p1, acc.data());
-          switch (vectors % 4) {
-            case 3: add_column_sums<T, 3>(data, C, whole, p0, p1, acc.data()); break;
-            case 2: add_column_sums<T, 2>(data, C, whole, p0, p1, acc.data()); break;
-            case 1: add_column_sums<T, 1>(data, C, whole, p0, p1, acc.data()); break;
-            default: break;
-          }
-          for (int64_t c = vectors * L; c < C; ++c) {
+          const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
+            add_column_sums<T, decltype(nv)::value>(data, C, c0, p0, p1, acc.data());
+          });
+          for (int64_t c = tail; c < C; ++c) {
             double a = 0.0;
             for (int64_t p = p0; p < p1; ++p) a += static_cast<double>(data[p * C + c]);
             acc[c] += a;
