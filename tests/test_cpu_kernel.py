@@ -247,9 +247,10 @@ def test_batch1_depthwise_in_one_call(rank, case, bias, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_vector_block_of_the_depthwise_kernel(channels, dtype, monkeypatch):
     """Channel counts reaching every block of the forward's and backward's register tiles and the channels past them,
-    forward and gradients of the strategy at batch 3 (against the float64 ``"loop"`` strategy's), and the batch-1 call, whose attention sums the input in runs of 64
-    positions over two blocks (2350 positions: a partial run) and computes the linear layers four rows at a time
-    (hidden width channels // 4, five experts: whole groups and a remainder), against the float64 reference."""
+    forward and gradients of the strategy at batch 3 (against the float64 ``"loop"`` strategy's), and the batch-1
+    call, whose attention sums the input in runs of 64 positions over two blocks (2350 positions: a partial run) and
+    computes the linear layers four rows at a time (hidden width channels // 4, five experts: whole groups and a
+    remainder), against the float64 reference."""
     layer = DynamicConv2d(channels, channels, 3, padding=1, groups=channels, num_experts=5, temperature=2.0,
                           dtype=torch.float64)
     for spatial, batch in (((9, 11), 3), ((50, 47), 1)):

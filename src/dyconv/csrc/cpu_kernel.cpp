@@ -468,7 +468,8 @@ std::tuple<at::Tensor, at::Tensor> depthwise_backward(const at::Tensor& grad_y, 
 // attention = softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)); out = sum_k attention[k] * experts[k] (experts
 // (K, N) contiguous, out N contiguous, e.g. the thread's workspace); returns the mixed bias (or an empty tensor).
 // The input's sums, the hidden layer and the logits are carried in double (channels_last input summed in runs of 64
-// positions in its own dtype first, the linear layers' products summed in vectors of its dtype, each row's lanes in double).
+// positions in its own dtype first, the linear layers' products summed in vectors of its dtype, each row's lanes in
+// double).
 
 // sums[c0 + i] += the sum of rows [p0, p1) of a (positions, C) matrix at columns c0 + i, i < NV vectors: summed
 // in registers (a short run of positions, so the partial sums stay exact enough), then added in double
@@ -501,7 +502,7 @@ void channel_sums(const at::Tensor& x, double* sums) {
     std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        std::vector<double> acc(static_cast<size_t>(C), 0.0);
+        std::vector<double> acc(static_cast<size_t>(C), 0.0);  // the thread's own memory, copied out once
         const int64_t p_end = std::min(positions, (blk + 1) * per_block);
         for (int64_t p0 = blk * per_block; p0 < p_end; p0 += kSumRun) {
           const int64_t p1 = std::min(p_end, p0 + kSumRun);
@@ -569,7 +570,8 @@ void linear(const T* w, const T* b, const double* in, double* out, int64_t rows,
   for (; r < rows; ++r) {
     const T* wr = w + r * cols;
     V acc{};
-    for (int64_t c = 0; c < whole; c += L) acc += *reinterpret_cast<const U*>(wr + c) * *reinterpret_cast<const U*>(x.data() + c);
+    for (int64_t c = 0; c < whole; c += L)
+      acc += *reinterpret_cast<const U*>(wr + c) * *reinterpret_cast<const U*>(x.data() + c);
     finish(r, acc);
   }
 }
@@ -718,9 +720,9 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
 // Work is split over blocks of NR output channels. For each block, KC kernel elements at a time, the K experts'
 // rows are read from L2 once for the whole batch and mixed for each sample in turn (from L1) into a small buffer
 // (the mixed kernel is never written out whole), used at once by every position of that sample; each sample's
-// partial sums for the block wait in a buffer between the KC steps. The kernel element order k is the experts' own memory order (input channel then tap
-// for contiguous experts, tap then input channel for channels_last ones), so each expert row is read contiguously;
-// a table gives each k's input offset.
+// partial sums for the block wait in a buffer between the KC steps. The kernel element order k is the experts' own
+// memory order (input channel then tap for contiguous experts, tap then input channel for channels_last ones), so
+// each expert row is read contiguously; a table gives each k's input offset.
 
 constexpr int kTileChannels = 6;  // NR: output channels per register tile
 constexpr int kTileVectors = 4;   // MV: vectors of positions per register tile
@@ -957,8 +959,8 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
 // planes. This loop (cl_run) gives the input gradient, the experts read transposed with flipped taps (the input
 // gradient of a stride-1 convolution is a convolution of the output gradient); as a forward it was slower than
 // dense_run in an ad-hoc comparison (3×3 512->512 @7, batch 32, 2026-11-29), though it computes no padded positions,
-// so dense_run keeps the forward. A second loop (cl_weight_grad) gives the expert and attention gradients without writing
-// any per-sample kernel gradient to memory.
+// so dense_run keeps the forward. A second loop (cl_weight_grad) gives the expert and attention gradients without
+// writing any per-sample kernel gradient to memory.
 
 constexpr int kClRows = 6;      // positions (forward) or kernel rows (weight gradient) per register tile
 constexpr int kClVectors = 4;   // vectors of output channels per register tile; a block is kClVectors * lanes
@@ -1054,12 +1056,11 @@ struct ExpertRows {
         for (int64_t n = nn; n < NB; ++n) out[i * NB + n] = T(0);
       return;
     }
-    const int64_t stride = sn;
     int64_t m = r0 / taps, t = r0 % taps;
     for (int64_t i = 0; i < count; ++i) {
       const T* s = base + m * sm + tap_offset[t];
       T* row = out + i * NB;
-      for (int64_t n = 0; n < nn; ++n) row[n] = s[n * stride];
+      for (int64_t n = 0; n < nn; ++n) row[n] = s[n * sn];
       for (int64_t n = nn; n < NB; ++n) row[n] = T(0);
       if (++t == taps) {
         t = 0;
