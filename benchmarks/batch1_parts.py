@@ -1,6 +1,7 @@
 """What batch-1 inference costs, part by part: the measurements behind the README's "What bounds the rest".
 
-    PYTHONPATH=src python benchmarks/batch1_parts.py [--part mixing attention cold-ops networks network-ops layer-ops]
+    PYTHONPATH=src python benchmarks/batch1_parts.py [--part mixing attention cold-ops networks network-ops layer-ops
+                                                             pointwise]
 
 1. ``mixing``: mixing one sample's kernel, (1 x K) @ (K x N), K = 4: ``torch.mm``, ``torch.mv`` (what the
    one-sample path uses) and a scaled copy with K - 1 scaled in-place adds (what the CPU paths use from
@@ -21,6 +22,13 @@
 6. ``layer-ops``: the same four sides for each of the bench's layer shapes alone (``dyconv bench``'s batch-1
    layer rows), against ``nn.Conv2d``: interleaved medians of 60 settled calls, two rounds; then for a 3×3
    8->8 layer at 4×4, where each side costs little more than its dispatch (the fixed costs per call).
+7. ``pointwise``: a 1×1 convolution at batch 1 as PyTorch's convolution (``F.conv2d``) against one matrix product
+   (``dyconv._one_sample._pointwise``, what the dynamic layers do since 2026-11-30 for ungrouped unpadded stride-1
+   1×1 kernels, except expansions with at most ``POINTWISE_CONV_MAX_POSITIONS`` positions), with the same fixed kernel, for each of MobileNetV2's 1×1 shapes at 224², on contiguous and
+   on channels_last input (interleaved medians of 100 settled calls) and summed; then torchvision's static
+   MobileNetV2 at batch 1 as it is against the same network with its 1×1 convolutions run as that product
+   (interleaved medians of 40 settled calls, three rounds): how much of a dynamic network's ratio to static comes
+   from the product rather than from the method.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from dyconv import DynamicConv2d, _chunked, layers
+from dyconv import DynamicConv2d, _chunked, _one_sample, layers
 from dyconv.benchmark import LAYER_SHAPES, LayerShape, _infer, build_network, interleaved_medians
 
 K = 4
@@ -221,8 +229,81 @@ def layer_ops() -> None:
         print(f"  {shape.name}: " + "; ".join(rounds))
 
 
+# MobileNetV2's 1x1 convolutions at 224x224 (in, out, size): the expansions and projections of its blocks, the
+# first block's projection and the last convolution
+POINTWISE_SHAPES = [(32, 16, 112), (16, 96, 112), (96, 24, 56), (24, 144, 56), (144, 24, 56), (144, 32, 28),
+                    (32, 192, 28), (192, 32, 28), (192, 64, 14), (64, 384, 14), (384, 64, 14), (384, 96, 14),
+                    (96, 576, 14), (576, 96, 14), (576, 160, 7), (160, 960, 7), (960, 160, 7), (960, 320, 7),
+                    (320, 1280, 7)]
+
+
+class _ProductConv(torch.nn.Module):
+    """A static 1×1 ``nn.Conv2d`` run as :func:`dyconv._one_sample._pointwise` (the convolution where it does not
+    apply)."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.matrix = conv.weight.detach().reshape(conv.out_channels, conv.in_channels)
+
+    def forward(self, x):
+        c = self.conv
+        bias = None if c.bias is None else c.bias.detach()
+        y = _one_sample._pointwise(x, self.matrix, bias, list(c.stride), list(c.padding), c.groups)  # its rule
+        return c(x) if y is None else y
+
+
+def _with_products(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose ungrouped 1×1 ``nn.Conv2d`` modules are :class:`_ProductConv`."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Conv2d and child.kernel_size == (1, 1) and child.groups == 1:
+                setattr(module, name, _ProductConv(child))
+    return model
+
+
+def _pointwise_shapes(fmt: torch.memory_format) -> None:
+    totals = {"conv": 0.0, "product": 0.0}
+    for c_in, c_out, size in POINTWISE_SHAPES:
+        x = torch.randn(1, c_in, size, size).contiguous(memory_format=fmt)
+        w = torch.randn(c_out, c_in, 1, 1).contiguous(memory_format=fmt)
+        matrix = w.reshape(c_out, c_in)
+        sides = {"conv": lambda: F.conv2d(x, w),
+                 "product": lambda: _one_sample._pointwise(x, matrix, None, [1, 1], [0, 0], 1)}
+        torch.testing.assert_close(sides["product"](), sides["conv"](), rtol=1e-4, atol=1e-4)
+        t = interleaved_medians(sides, repeats=100, warmup=3, settle=2)
+        totals = {k: v + 1e6 * t[k] for k, v in totals.items()}
+        print(f"  {fmt}, {c_in}->{c_out} @{size}: conv {1e6 * t['conv']:.0f}, product {1e6 * t['product']:.0f} "
+              f"({t['product'] / t['conv']:.2f}x)")
+    print(f"  {fmt}, all {len(POINTWISE_SHAPES)}: conv {totals['conv']:.0f}, product {totals['product']:.0f}")
+
+
+def pointwise() -> None:
+    print("batch 1, MobileNetV2's 1x1 shapes at 224: F.conv2d against one matrix product (interleaved medians of "
+          "100 settled calls, us)")
+    rule = _one_sample.POINTWISE_CONV_MAX_POSITIONS
+    _one_sample.POINTWISE_CONV_MAX_POSITIONS = -1  # the product for every shape here, expansions included
+    try:
+        with torch.inference_mode():
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                _pointwise_shapes(fmt)
+    finally:
+        _one_sample.POINTWISE_CONV_MAX_POSITIONS = rule
+    print("batch 1, 224x224, channels_last: torchvision's static MobileNetV2 with its 1x1 convolutions as the product "
+          "(by the layers' rule)")
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    static, _ = build_network("mobilenet_v2")
+    static = static.to(memory_format=torch.channels_last).eval()
+    sides = {"static": _infer(static, x), "static, 1x1 as products": _infer(_with_products(static), x)}
+    for _ in range(3):
+        t = interleaved_medians(sides, repeats=40, warmup=3, settle=2)
+        print(f"  static {1e3 * t['static']:.1f} ms, with products {1e3 * t['static, 1x1 as products']:.1f} ms "
+              f"({t['static, 1x1 as products'] / t['static']:.2f}x)")
+
+
 PARTS = {"mixing": mixing, "attention": attention, "cold-ops": cold_ops, "networks": networks,
-         "network-ops": network_ops, "layer-ops": layer_ops}
+         "network-ops": network_ops, "layer-ops": layer_ops, "pointwise": pointwise}
 
 
 def main() -> None:

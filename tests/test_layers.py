@@ -443,6 +443,77 @@ def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, scal
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
 
 
+POINTWISE_SPATIAL = {1: (197,), 2: (15, 14), 3: (4, 5, 10)}  # more positions than POINTWISE_CONV_MAX_POSITIONS
+
+
+@pytest.mark.parametrize("channels", [(7, 5), (5, 7)], ids=["projection", "expansion"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank,layout", [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"),
+                                         (3, "contiguous")])
+def test_one_sample_1x1_as_one_matrix_product(rank, layout, bias, transposed, channels, monkeypatch,
+                                              one_sample_route):
+    """An ungrouped unpadded stride-1 1x1 layer at batch 1, on contiguous or channels_last 2-D input, is one matrix
+    product of the mixed kernel (``mm``, or ``addmm`` with the mixed bias) and no convolution; its output is laid
+    out as the convolution's, may be modified in place and matches the reference, also where the experts lie in
+    memory with the input channels first (``transposed``). Expansions only with more output positions than
+    ``POINTWISE_CONV_MAX_POSITIONS``."""
+    assert all(math.prod(s) > dyconv._one_sample.POINTWISE_CONV_MAX_POSITIONS for s in POINTWISE_SPATIAL.values())
+    layer = make(rank, 3, bias, in_channels=channels[0], out_channels=channels[1], kernel_size=1).eval()
+    if transposed:
+        w = layer.weight.detach()
+        layer.weight = nn.Parameter(w.transpose(1, 2).contiguous().transpose(1, 2))
+        assert not layer.weight.is_contiguous()
+    spatial = POINTWISE_SPATIAL[rank] if channels[1] > channels[0] else SPATIAL[rank]
+    x = torch.randn(1, channels[0], *spatial, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = per_sample_reference(layer, x)
+    with torch.no_grad():  # the convolution's own layout for this input
+        like = dyconv.functional.conv(x, layer.weight[0], None, [1] * rank, [0] * rank, [1] * rank, 1)
+    products, convs = [], []
+    monkeypatch.setattr(torch, "mm", _spy(torch.mm, products))
+    monkeypatch.setattr(torch, "addmm", _spy(torch.addmm, products))
+    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, convs))
+    with torch.no_grad():
+        out = layer(x)
+    assert len(products) == 1 and not convs
+    assert out.shape == like.shape and out.stride() == like.stride()
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    out.add_(1.0)  # a plain tensor, not a view that refuses in-place updates
+    torch.testing.assert_close(out, ref + 1.0, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", ["stride2", "padded", "groups2", "channels_last_3d", "channels_innermost_1d",
+                                  "expansion_few_positions"])
+def test_one_sample_1x1_convolves_where_no_product_applies(case, monkeypatch, one_sample_route):
+    """1x1 layers that are strided, padded or grouped, inputs laid out otherwise than contiguous or channels_last
+    2-D, and expansions with at most ``POINTWISE_CONV_MAX_POSITIONS`` output positions take the convolution at
+    batch 1 (and match the reference)."""
+    rank = {"channels_last_3d": 3, "channels_innermost_1d": 1}.get(case, 2)
+    kwargs = dict(stride=2) if case == "stride2" else dict(padding=1) if case == "padded" else {}
+    channels = (4, 6) if case == "expansion_few_positions" else (6, 4)
+    layer = make(rank, 3, True, in_channels=channels[0], out_channels=channels[1], kernel_size=1,
+                 groups=2 if case == "groups2" else 1, **kwargs).eval()
+    x = make_input(rank, layer, 1)
+    if case == "expansion_few_positions":
+        x = torch.randn(1, 4, 14, 14, dtype=torch.float64)  # POINTWISE_CONV_MAX_POSITIONS (196) positions
+        assert x[0, 0].numel() == dyconv._one_sample.POINTWISE_CONV_MAX_POSITIONS
+    if case == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif case == "channels_innermost_1d":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    ref = per_sample_reference(layer, x)
+    products, convs = [], []
+    monkeypatch.setattr(torch, "mm", _spy(torch.mm, products))
+    monkeypatch.setattr(torch, "addmm", _spy(torch.addmm, products))
+    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, convs))
+    with torch.no_grad():
+        out = layer(x)
+    assert not products and len(convs) == 1
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+
+
 def _one_sample_plans():
     return getattr(dyconv._chunked.thread_state(), "one_sample_plans", {})
 

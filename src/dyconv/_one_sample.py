@@ -13,6 +13,9 @@ convolution; an eighth mixes the bias where there is one. Where the compiled CPU
 is built, the first six are one call (``one_sample_mix``); for a depthwise layer on channels_last input all seven are
 (``one_sample_depthwise``: the attention, then the compiled depthwise convolution, which mixes the sample's kernel
 itself; the bench's depthwise rows at batch 1 went from 1.59x / 1.64x static to 1.05x / 0.92x with it, README).
+Ungrouped unpadded stride-1 1x1 layers on contiguous or channels_last 2-D input convolve as one matrix product
+(:func:`_pointwise`), which on this CPU is faster than PyTorch's 1x1 convolution except for expansions with few
+positions (``POINTWISE_CONV_MAX_POSITIONS``).
 
 What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
 (:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members
@@ -44,7 +47,7 @@ class _Plan:
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
                  "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
-                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise")
+                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise", "matrix")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
@@ -83,6 +86,10 @@ class _Plan:
         self.experts = experts  # for the compiled kernels that mix inside the convolution
         # a depthwise layer's experts (K, C, 1, *kernel): one_sample_depthwise, where the input is channels-innermost
         self.depthwise = self.compiled and experts.dim() >= 4 and experts.shape[2] == 1
+        # a 1x1 kernel on the CPU as its (C_out, C_in) matrix, for _pointwise
+        self.matrix = None
+        if self.kernel is not None and all(s == 1 for s in experts.shape[3:]):
+            self.matrix = self.kernel.view(experts.shape[1], experts.shape[2])
 
     def matches(self, layer: nn.Module, weight: Tensor, state) -> bool:
         params = layer._parameters
@@ -120,6 +127,48 @@ def _channels_innermost(x: Tensor) -> bool:
     if x.dim() == 5:
         return x.is_contiguous(memory_format=torch.channels_last_3d)
     return x.dim() == 3 and x.stride(1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[1])
+
+
+# 1x1 expansions (more output than input channels) with at most this many output positions keep PyTorch's
+# convolution at batch 1; the other ungrouped unpadded stride-1 1x1 layers are one matrix product (_pointwise).
+# On this machine's CPU PyTorch's 1x1 convolution at batch 1 took up to 3.4 times as long as the product: over
+# MobileNetV2's 1x1 shapes at 224, 5.9 ms against 3.0 ms on contiguous input and 4.2 ms against 2.9 ms on
+# channels_last input; the four expansions at 14x14 and 7x7 (64->384, 96->576, 160->960, 320->1280) were the
+# only ones where the product was slower, by 6-22 % (benchmarks/batch1_parts.py --part pointwise).
+POINTWISE_CONV_MAX_POSITIONS = 196
+
+
+def _pointwise(x: Tensor, matrix: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+               groups: int) -> Optional[Tensor]:
+    """An ungrouped unpadded stride-1 1x1 convolution of the one-sample batch ``x`` as one matrix product with the
+    kernel's ``(C_out, C_in)`` ``matrix`` (plus ``bias``), into an output laid out as the convolution's
+    (contiguous, or channels_last for channels_last 2-D input); ``None`` where these do not hold, ``x`` is laid
+    out otherwise, or the layer is an expansion with few positions (``POINTWISE_CONV_MAX_POSITIONS``)."""
+    if groups != 1 or any(s != 1 for s in stride) or any(p != 0 for p in padding):
+        return None
+    c_in, c_out = x.shape[1], matrix.shape[0]
+    positions = x.numel() // c_in
+    if c_out > c_in and positions <= POINTWISE_CONV_MAX_POSITIONS:
+        return None
+    if x.is_contiguous():
+        y = torch.empty([1, c_out] + list(x.shape[2:]), dtype=x.dtype, device=x.device)
+        columns, out = x.view(c_in, positions), y.view(c_out, positions)
+        if bias is None:
+            torch.mm(matrix, columns, out=out)
+        else:
+            torch.addmm(bias.unsqueeze(1), matrix, columns, out=out)
+        return y
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    h, w = x.shape[2], x.shape[3]
+    y = torch.empty_strided((1, c_out, h, w), (positions * c_out, 1, w * c_out, c_out), dtype=x.dtype,
+                            device=x.device)
+    rows, out = x.as_strided((positions, c_in), (c_in, 1)), y.as_strided((positions, c_out), (c_out, 1))
+    if bias is None:
+        torch.mm(rows, matrix.t(), out=out)
+    else:
+        torch.addmm(bias, rows, matrix.t(), out=out)
+    return y
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -201,6 +250,10 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
                                                              plan.experts, plan.bias_d, stride, padding, dilation)
         mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,
                                                     plan.out, plan.bias_d)
+        if plan.matrix is not None:
+            y = _pointwise(x, plan.matrix, None if plan.bias_d is None else mixed, stride, padding, groups)
+            if y is not None:
+                return y
         return functional.conv(x, plan.kernel, None if plan.bias_d is None else mixed, stride, padding, dilation,
                                groups)
     # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
@@ -218,4 +271,8 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
             _chunked.scaled_adds(attention.tolist(), plan.rows, plan.out)  # a workspace: the CPU, no sync
         kernel = plan.kernel
     mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
+    if plan.matrix is not None:
+        y = _pointwise(x, plan.matrix, mixed_bias, stride, padding, groups)
+        if y is not None:
+            return y
     return functional.conv(x, kernel, mixed_bias, stride, padding, dilation, groups)
