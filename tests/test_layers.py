@@ -532,6 +532,37 @@ def _batch1_checked():
     return layer, inputs, check
 
 
+def test_one_sample_dense_rule_remembered_per_shape(monkeypatch):
+    """The batch-1 path evaluates the dense kernel's rule once per input shape, convolution arguments and
+    ``DENSE_MAX_POSITIONS``, and again when one of them changes: each answer right (the dense kernel where the
+    output is small, not where it is large or the limit is lowered) and the output exact every time."""
+    if not dyconv._cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not available here")
+    layer = DynamicConv2d(5, 6, 3, padding=1, num_experts=3, dtype=torch.float64).eval()
+    real_rule, real_dense = dyconv.functional._dense_kernel_suits, torch.ops.dyconv_cpu.dense_forward
+    rules, dense = [], []
+    monkeypatch.setattr(dyconv.functional, "_dense_kernel_suits", _spy(real_rule, rules))
+    monkeypatch.setattr(torch.ops.dyconv_cpu, "dense_forward", _spy(real_dense, dense))
+    small, large = torch.randn(1, 5, 6, 7, dtype=torch.float64), torch.randn(1, 5, 15, 14, dtype=torch.float64)
+    assert 42 <= dyconv._cpu_kernel.DENSE_MAX_POSITIONS < 210
+
+    def run(x):
+        with torch.no_grad():
+            out = layer(x)
+        torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+
+    for x, n_rules, n_dense in ((small, 1, 1), (small, 1, 2), (large, 2, 2), (large, 2, 2), (small, 3, 3)):
+        run(x)
+        assert (len(rules), len(dense)) == (n_rules, n_dense)
+    layer.padding = (2, 2)  # another convolution argument: asked again (and the output one larger each side)
+    layer._conv_padding = (2, 2)
+    run(small)
+    assert (len(rules), len(dense)) == (4, 4)
+    monkeypatch.setattr(dyconv._cpu_kernel, "DENSE_MAX_POSITIONS", 10)  # a lower limit: asked again, no dense
+    run(small)
+    assert (len(rules), len(dense)) == (5, 4)
+
+
 def test_one_sample_views_reused_and_rebuilt_when_parameters_change(one_sample_route):
     """The batch-1 path reuses its views (experts, workspace viewed as the kernel) between calls, sees in-place
     parameter updates through them, and rebuilds them when a parameter, its layout or the workspace is replaced."""

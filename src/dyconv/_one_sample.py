@@ -47,7 +47,8 @@ class _Plan:
     __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
                  "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
-                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise", "matrix")
+                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise", "matrix", "dense_key",
+                 "dense")
 
     def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
                  temperature: Tensor, base: Optional[Tensor]):
@@ -86,6 +87,8 @@ class _Plan:
         self.experts = experts  # for the compiled kernels that mix inside the convolution
         # a depthwise layer's experts (K, C, 1, *kernel): one_sample_depthwise, where the input is channels-innermost
         self.depthwise = self.compiled and experts.dim() >= 4 and experts.shape[2] == 1
+        # _dense_suits's last answer and what it was for
+        self.dense_key, self.dense = None, False
         # a 1x1 kernel on the CPU as its (C_out, C_in) matrix, for _pointwise
         self.matrix = None
         if self.kernel is not None and all(s == 1 for s in experts.shape[3:]):
@@ -117,6 +120,19 @@ class _Plan:
         if self.temperature_version is not None and self.temperature_version != temperature._version:
             return False
         return not _hooked(router)  # hooks added since: the general path calls the router
+
+
+def _dense_suits(plan: _Plan, x: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> bool:
+    """``functional._dense_kernel_suits`` for the plan's ungrouped layer and the one-sample batch ``x`` without
+    gradients, evaluated again only when what it reads then changes: ``x``'s shape, the convolution's arguments
+    and ``_cpu_kernel.DENSE_MAX_POSITIONS`` (the experts are the plan's; dtypes, autocast and dispatch modes
+    :func:`infer` checks first). Inside a network the rule's dozen calls cost tens of microseconds, their code
+    evicted by the convolution before (3x3 512->512 @7: the layer 0.1 ms slower than its two ops alone, ad-hoc)."""
+    key = (x.shape, tuple(stride), tuple(padding), tuple(dilation), _cpu_kernel.DENSE_MAX_POSITIONS)
+    if key != plan.dense_key:
+        plan.dense = functional._dense_kernel_suits(x, plan.experts, list(stride), list(padding), list(dilation), 1)
+        plan.dense_key = key
+    return plan.dense
 
 
 def _channels_innermost(x: Tensor) -> bool:
@@ -240,7 +256,7 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
         # where the layers take "dense_kernel" (ungrouped stride-1 layers, kernels larger than 1x1, small outputs;
         # grouped layers, MobileNetV2's many depthwise ones, skip the rule's work): the attention, then the compiled
         # kernel that mixes inside the convolution's tiles
-        if groups == 1 and functional._dense_kernel_suits(x, plan.experts, stride, padding, dilation, groups):
+        if groups == 1 and _dense_suits(plan, x, stride, padding, dilation):
             attention = torch.ops.dyconv_cpu.one_sample_attention(x, plan.w1, plan.b1, plan.w2, plan.b2, scale)
             return torch.ops.dyconv_cpu.dense_forward(x, plan.experts, attention, plan.bias_d, padding, dilation)
         # depthwise layers on channels-innermost input: the attention and the compiled depthwise kernel (which
