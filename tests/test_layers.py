@@ -450,13 +450,14 @@ POINTWISE_SPATIAL = {1: (197,), 2: (15, 14), 3: (4, 5, 10)}  # more positions th
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rank,layout", [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"),
-                                         (3, "contiguous")])
+                                         (3, "contiguous"), (2, "channels_last sliced"), (2, "contiguous sliced")])
 def test_one_sample_1x1_as_one_matrix_product(rank, layout, bias, transposed, channels, monkeypatch,
                                               one_sample_route):
     """An ungrouped unpadded stride-1 1x1 layer at batch 1, on contiguous or channels_last 2-D input, is one matrix
     product of the mixed kernel (``mm``, or ``addmm`` with the mixed bias) and no convolution; its output is laid
     out as the convolution's, may be modified in place and matches the reference, also where the experts lie in
-    memory with the input channels first (``transposed``). Expansions only with more output positions than
+    memory with the input channels first (``transposed``) and where the input is one sample sliced out of a batch
+    (``sliced``: its memory starts past the batch's). Expansions only with more output positions than
     ``POINTWISE_CONV_MAX_POSITIONS``."""
     assert all(math.prod(s) > dyconv._one_sample.POINTWISE_CONV_MAX_POSITIONS for s in POINTWISE_SPATIAL.values())
     layer = make(rank, 3, bias, in_channels=channels[0], out_channels=channels[1], kernel_size=1).eval()
@@ -465,9 +466,11 @@ def test_one_sample_1x1_as_one_matrix_product(rank, layout, bias, transposed, ch
         layer.weight = nn.Parameter(w.transpose(1, 2).contiguous().transpose(1, 2))
         assert not layer.weight.is_contiguous()
     spatial = POINTWISE_SPATIAL[rank] if channels[1] > channels[0] else SPATIAL[rank]
-    x = torch.randn(1, channels[0], *spatial, dtype=torch.float64)
-    if layout == "channels_last":
+    x = torch.randn(3, channels[0], *spatial, dtype=torch.float64)
+    if layout.startswith("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
+    x = x[1:2] if layout.endswith("sliced") else x[:1]
+    assert (x.storage_offset() > 0) == layout.endswith("sliced")
     ref = per_sample_reference(layer, x)
     with torch.no_grad():  # the convolution's own layout for this input
         like = dyconv.functional.conv(x, layer.weight[0], None, [1] * rank, [0] * rank, [1] * rank, 1)

@@ -147,10 +147,11 @@ def _channels_innermost(x: Tensor) -> bool:
 
 # 1x1 expansions (more output than input channels) with at most this many output positions keep PyTorch's
 # convolution at batch 1; the other ungrouped unpadded stride-1 1x1 layers are one matrix product (_pointwise).
-# On this machine's CPU PyTorch's 1x1 convolution at batch 1 took up to 3.4 times as long as the product: over
-# MobileNetV2's 1x1 shapes at 224, 5.9 ms against 3.0 ms on contiguous input and 4.2 ms against 2.9 ms on
-# channels_last input; the four expansions at 14x14 and 7x7 (64->384, 96->576, 160->960, 320->1280) were the
-# only ones where the product was slower, by 6-22 % (benchmarks/batch1_parts.py --part pointwise).
+# On this machine's CPU PyTorch's 1x1 convolution at batch 1 took up to 3.8 times as long as the product: over
+# MobileNetV2's 1x1 shapes at 224, 4.4 ms against 2.1 ms on contiguous input and 2.6 ms against 1.8 ms on
+# channels_last input (5.9 / 3.0 and 4.2 / 2.9 in an earlier run); the four expansions at 14x14 and 7x7 (64->384,
+# 96->576, 160->960, 320->1280) were the only ones where the product was slower, by 2-8 % (6-22 % in the earlier
+# run) (benchmarks/batch1_parts.py --part pointwise; README, "Batch 1 without gradients").
 POINTWISE_CONV_MAX_POSITIONS = 196
 
 
