@@ -31,6 +31,14 @@ needs_kernel = pytest.mark.skipif(
     reason="the kernel is built with a C++ compiler on Linux (elsewhere the layers use the PyTorch strategies)")
 
 
+@pytest.fixture(autouse=True)
+def _kernel_loaded():
+    """The kernel built and loaded before every test, so that the tests calling its ops directly pass alone as in
+    the file's order (before, they relied on an earlier test having loaded it)."""
+    if sys.platform == "linux" and shutil.which("c++") is not None:
+        _cpu_kernel.available()
+
+
 def channels_innermost(x):
     """``x`` with the same values, its memory ``(B, *spatial, C)``."""
     return x.movedim(1, -1).contiguous().movedim(-1, 1)
@@ -293,6 +301,28 @@ def test_one_sample_depthwise_checks_its_arguments():
         torch.ops.dyconv_cpu.one_sample_depthwise(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, None, *args)
     with pytest.raises(RuntimeError, match="experts must be \\(K, C, 1, \\*kernel\\) with C = 6"):
         torch.ops.dyconv_cpu.one_sample_depthwise(x, w1, b1, w2, b2, 1.0, torch.randn(3, 5, 1, 3, 3), None, *args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("experts_count", [1, 2, 4, 5])
+def test_one_sample_mix_mixes_every_element(experts_count, dtype):
+    """one_sample_mix's kernel, out = attention @ experts, for kernels of several of the parallel loop's grains
+    (2^14 elements) and a tail (the K = 4 case is one pass over the four experts at once, the others a pass per
+    expert), against the float64 product with the attention the kernel computes (one_sample_attention, the same
+    arithmetic); the mixed bias likewise."""
+    torch.manual_seed(0)
+    K, n, c_out = experts_count, 2 * (1 << 14) + 37, 7
+    x = torch.randn(1, 6, 5, 5, dtype=dtype)
+    w1, b1 = torch.randn(4, 6, dtype=dtype), torch.randn(4, dtype=dtype)
+    w2, b2 = torch.randn(K, 4, dtype=dtype), torch.randn(K, dtype=dtype)
+    experts, out, bias = torch.randn(K, n, dtype=dtype), torch.full((n,), float("nan"), dtype=dtype), \
+        torch.randn(K, c_out, dtype=dtype)
+    mixed_bias = torch.ops.dyconv_cpu.one_sample_mix(x, w1, b1, w2, b2, 0.5, experts, out, bias)
+    attention = torch.ops.dyconv_cpu.one_sample_attention(x, w1, b1, w2, b2, 0.5).double()
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), (attention @ experts.double())[0], **tol)
+    torch.testing.assert_close(mixed_bias.double().view(-1), (attention @ bias.double())[0], **tol)
 
 
 @needs_kernel

@@ -11,7 +11,8 @@ import torch
 from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.functional import select_strategy
 from reference import TOL, per_sample_reference
-from test_cpu_kernel import assert_frozen_experts_gradients_match_loop, needs_kernel
+# _kernel_loaded: the autouse fixture that loads the kernel before each test, here too
+from test_cpu_kernel import _kernel_loaded, assert_frozen_experts_gradients_match_loop, needs_kernel  # noqa: F401
 from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, largest_saved_tensor, run
 
 CASES = [

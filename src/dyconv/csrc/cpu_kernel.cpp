@@ -606,6 +606,9 @@ void check_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
               ")");
 }
 
+template <typename T>
+inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t kc);
+
 template <typename scalar_t>
 void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                          const at::Tensor& b2, double scale, const at::Tensor& experts, at::Tensor& out,
@@ -615,21 +618,11 @@ void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::T
   sample_attention<scalar_t>(xc, w1, b1, w2, b2, scale, a.data());
   const scalar_t* e = experts.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  // in tiles of 2048 elements, so that a tile of out stays in L1 while the K experts' tiles stream past it
-  constexpr int64_t tile = 2048;
+  // in one pass over the K experts at once (for K = 4), each element of out written once
   at::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
-    const scalar_t a0 = a[0];
-    for (int64_t t0 = begin; t0 < end; t0 += tile) {
-      const int64_t t1 = std::min(end, t0 + tile);
-#pragma omp simd
-      for (int64_t n = t0; n < t1; ++n) o[n] = a0 * e[n];
-      for (int64_t k = 1; k < K; ++k) {
-        const scalar_t ak = a[k];
-        const scalar_t* ek = e + k * N;
-#pragma omp simd
-        for (int64_t n = t0; n < t1; ++n) o[n] += ak * ek[n];
-      }
-    }
+    std::vector<const scalar_t*> rows(K);
+    for (int64_t k = 0; k < K; ++k) rows[k] = e + k * N + begin;
+    mix_row<scalar_t>(o + begin, rows.data(), a.data(), K, end - begin);
   });
   if (mixed_bias.defined()) {
     const at::Tensor bc = bias->contiguous();
