@@ -618,11 +618,15 @@ void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::T
   sample_attention<scalar_t>(xc, w1, b1, w2, b2, scale, a.data());
   const scalar_t* e = experts.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  // in one pass over the K experts at once (for K = 4), each element of out written once
+  // in tiles of 2048 elements (for K = 4 one pass over the four experts side by side, each element of out written
+  // once; for other counts a pass per expert over a tile of out that stays in L1)
+  constexpr int64_t tile = 2048;
   at::parallel_for(0, N, 1 << 14, [&](int64_t begin, int64_t end) {
     std::vector<const scalar_t*> rows(K);
-    for (int64_t k = 0; k < K; ++k) rows[k] = e + k * N + begin;
-    mix_row<scalar_t>(o + begin, rows.data(), a.data(), K, end - begin);
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      for (int64_t k = 0; k < K; ++k) rows[k] = e + k * N + t0;
+      mix_row<scalar_t>(o + t0, rows.data(), a.data(), K, std::min(tile, end - t0));
+    }
   });
   if (mixed_bias.defined()) {
     const at::Tensor bc = bias->contiguous();
