@@ -443,6 +443,18 @@ def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, scal
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
 
 
+def _counting_products(layer, x, monkeypatch):
+    """The layer's output for ``x`` without gradients, with the matrix products (``mm``, ``addmm``) and the
+    convolutions (``dyconv.functional.conv``) it called."""
+    products, convs = [], []
+    monkeypatch.setattr(torch, "mm", _spy(torch.mm, products))
+    monkeypatch.setattr(torch, "addmm", _spy(torch.addmm, products))
+    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, convs))
+    with torch.no_grad():
+        out = layer(x)
+    return out, products, convs
+
+
 POINTWISE_SPATIAL = {1: (197,), 2: (15, 14), 3: (4, 5, 10)}  # more positions than POINTWISE_CONV_MAX_POSITIONS
 
 
@@ -474,12 +486,7 @@ def test_one_sample_1x1_as_one_matrix_product(rank, layout, bias, transposed, ch
     ref = per_sample_reference(layer, x)
     with torch.no_grad():  # the convolution's own layout for this input
         like = dyconv.functional.conv(x, layer.weight[0], None, [1] * rank, [0] * rank, [1] * rank, 1)
-    products, convs = [], []
-    monkeypatch.setattr(torch, "mm", _spy(torch.mm, products))
-    monkeypatch.setattr(torch, "addmm", _spy(torch.addmm, products))
-    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, convs))
-    with torch.no_grad():
-        out = layer(x)
+    out, products, convs = _counting_products(layer, x, monkeypatch)
     assert len(products) == 1 and not convs
     assert out.shape == like.shape and out.stride() == like.stride()
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
@@ -507,12 +514,7 @@ def test_one_sample_1x1_convolves_where_no_product_applies(case, monkeypatch, on
     elif case == "channels_innermost_1d":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     ref = per_sample_reference(layer, x)
-    products, convs = [], []
-    monkeypatch.setattr(torch, "mm", _spy(torch.mm, products))
-    monkeypatch.setattr(torch, "addmm", _spy(torch.addmm, products))
-    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, convs))
-    with torch.no_grad():
-        out = layer(x)
+    out, products, convs = _counting_products(layer, x, monkeypatch)
     assert not products and len(convs) == 1
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
 
