@@ -24,11 +24,11 @@
    8->8 layer at 4×4, where each side costs little more than its dispatch (the fixed costs per call).
 7. ``pointwise``: a 1×1 convolution at batch 1 as PyTorch's convolution (``F.conv2d``) against one matrix product
    (``dyconv._one_sample._pointwise``, what the dynamic layers do since 2026-11-30 for ungrouped unpadded stride-1
-   1×1 kernels, except expansions with at most ``POINTWISE_CONV_MAX_POSITIONS`` positions), with the same fixed kernel, for each of MobileNetV2's 1×1 shapes at 224², on contiguous and
-   on channels_last input (interleaved medians of 100 settled calls) and summed; then torchvision's static
-   MobileNetV2 at batch 1 as it is against the same network with its 1×1 convolutions run as that product
-   (interleaved medians of 40 settled calls, three rounds): how much of a dynamic network's ratio to static comes
-   from the product rather than from the method.
+   1×1 kernels, except expansions with at most ``POINTWISE_CONV_MAX_POSITIONS`` positions), with the same fixed
+   kernel, for each of MobileNetV2's 1×1 shapes at 224², on contiguous and on channels_last input (interleaved
+   medians of 100 settled calls) and summed; then torchvision's static MobileNetV2 at batch 1 as it is against the
+   same network with its 1×1 convolutions run as that product (interleaved medians of 40 settled calls, three
+   rounds): how much of a dynamic network's ratio to static comes from the product rather than from the method.
 """
 
 from __future__ import annotations

@@ -267,27 +267,23 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
                                                              plan.experts, plan.bias_d, stride, padding, dilation)
         mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,
                                                     plan.out, plan.bias_d)
-        if plan.matrix is not None:
-            y = _pointwise(x, plan.matrix, None if plan.bias_d is None else mixed, stride, padding, groups)
-            if y is not None:
-                return y
-        return functional.conv(x, plan.kernel, None if plan.bias_d is None else mixed, stride, padding, dilation,
-                               groups)
-    # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
-    if plan.inverse_temperature is None:
-        logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature
+        kernel, mixed_bias = plan.kernel, None if plan.bias_d is None else mixed
     else:
-        logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
-    attention = torch.softmax(logits, 0)
-    if plan.out is None:  # no workspace (not the CPU): a fresh kernel
-        kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), weight, plan.order)[0]
-    else:
-        if plan.rows is None:
-            torch.mv(plan.experts_t, attention, out=plan.out)
+        # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
+        if plan.inverse_temperature is None:
+            logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature
         else:
-            _chunked.scaled_adds(attention.tolist(), plan.rows, plan.out)  # a workspace: the CPU, no sync
-        kernel = plan.kernel
-    mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
+            logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
+        attention = torch.softmax(logits, 0)
+        if plan.out is None:  # no workspace (not the CPU): a fresh kernel
+            kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), weight, plan.order)[0]
+        else:
+            if plan.rows is None:
+                torch.mv(plan.experts_t, attention, out=plan.out)
+            else:
+                _chunked.scaled_adds(attention.tolist(), plan.rows, plan.out)  # a workspace: the CPU, no sync
+            kernel = plan.kernel
+        mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
     if plan.matrix is not None:
         y = _pointwise(x, plan.matrix, mixed_bias, stride, padding, groups)
         if y is not None:

@@ -606,8 +606,28 @@ void check_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
               ")");
 }
 
+// m[k] = sum_e a[e] * rows[e][k], k < kc: four experts (the paper's K) in one pass, one store per element;
+// other counts one pass per expert
 template <typename T>
-inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t kc);
+inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t kc) {
+  if (E == 4) {
+    const T *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+    const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+    for (int64_t k = 0; k < kc; ++k) m[k] = a0 * r0[k] + a1 * r1[k] + a2 * r2[k] + a3 * r3[k];
+    return;
+  }
+  const T a0 = a[0];
+  const T* r0 = rows[0];
+#pragma omp simd
+  for (int64_t k = 0; k < kc; ++k) m[k] = a0 * r0[k];
+  for (int64_t e = 1; e < E; ++e) {
+    const T ae = a[e];
+    const T* re = rows[e];
+#pragma omp simd
+    for (int64_t k = 0; k < kc; ++k) m[k] += ae * re[k];
+  }
+}
 
 template <typename scalar_t>
 void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -748,28 +768,6 @@ inline void dense_tile(const T* w, int64_t ldw, const T* x, const int64_t* off, 
     for (int j = 0; j < MVn; ++j) *reinterpret_cast<U*>(out + r * ldo + j * L) = acc[r][j];
 }
 
-// m[k] = sum_e a[e] * rows[e][k], k < kc: four experts (the paper's K) in one pass, one store per element;
-// other counts one pass per expert
-template <typename T>
-inline void mix_row(T* m, const T* const* rows, const T* a, int64_t E, int64_t kc) {
-  if (E == 4) {
-    const T *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
-    const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-#pragma omp simd
-    for (int64_t k = 0; k < kc; ++k) m[k] = a0 * r0[k] + a1 * r1[k] + a2 * r2[k] + a3 * r3[k];
-    return;
-  }
-  const T a0 = a[0];
-  const T* r0 = rows[0];
-#pragma omp simd
-  for (int64_t k = 0; k < kc; ++k) m[k] = a0 * r0[k];
-  for (int64_t e = 1; e < E; ++e) {
-    const T ae = a[e];
-    const T* re = rows[e];
-#pragma omp simd
-    for (int64_t k = 0; k < kc; ++k) m[k] += ae * re[k];
-  }
-}
 
 // (d, h, w) strides of a (B, C, *spatial) tensor, size-1 dims filled in with 0
 void spatial_strides(const at::Tensor& t, int64_t* s) {
