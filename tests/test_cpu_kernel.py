@@ -13,6 +13,7 @@ import torch
 
 from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.functional import select_strategy
+from op_calls import top_level_ops
 from reference import TOL, per_sample_reference
 from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, run
 
@@ -216,16 +217,11 @@ def test_batch1_inference_in_one_call_float32(layout, bias):
 VECTOR_CHANNELS = [13, 27, 40, 85, 117]
 
 
-def spy_on_op(monkeypatch, name):
-    """Calls of ``torch.ops.dyconv_cpu.<name>`` counted in the returned list."""
-    real, calls = getattr(torch.ops.dyconv_cpu, name), []
-
-    def spy(*args):
-        calls.append(name)
-        return real(*args)
-
-    monkeypatch.setattr(torch.ops.dyconv_cpu, name, spy)
-    return calls
+def compiled_ops(fn):
+    """``fn()``'s result (without gradients) and the compiled kernel's operators it called directly."""
+    with torch.no_grad():
+        out, ops = top_level_ops(fn)
+    return out, [op for op in ops if op.startswith("dyconv_cpu::")]
 
 
 @needs_kernel
@@ -239,15 +235,14 @@ def test_batch1_depthwise_in_one_call(rank, case, bias, monkeypatch):
     case = dict(case, bias=bias and case.get("bias", True))
     layer, x = layer_and_input(rank, case, 1, "channels_last")
     layer.eval()
-    calls = spy_on_op(monkeypatch, "one_sample_depthwise")
-    with torch.no_grad():
-        out = layer(x)
-        assert calls == ["one_sample_depthwise"]
-        torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
-        assert out.movedim(1, -1).is_contiguous()  # channels innermost, as the input
-        out.relu_()  # a plain tensor, not a view: in-place activations work
-        torch.testing.assert_close(layer(x.contiguous()), per_sample_reference(layer, x), **TOL[torch.float64])
-    assert calls == ["one_sample_depthwise"]
+    out, calls = compiled_ops(lambda: layer(x))
+    assert calls == ["dyconv_cpu::one_sample_depthwise"]
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    assert out.movedim(1, -1).is_contiguous()  # channels innermost, as the input
+    out.relu_()  # a plain tensor, not a view: in-place activations work
+    out, calls = compiled_ops(lambda: layer(x.contiguous()))
+    torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
+    assert calls == ["dyconv_cpu::one_sample_mix"]
 
 
 @needs_kernel
@@ -277,10 +272,8 @@ def test_every_vector_block_of_the_depthwise_kernel(channels, dtype, monkeypatch
             for g, e in zip(grads, expected_grads):
                 torch.testing.assert_close(g, e.to(dtype), **TOL[dtype])
         else:
-            calls = spy_on_op(monkeypatch, "one_sample_depthwise")
-            with torch.no_grad():
-                out = ml.eval()(mx)
-            assert calls == ["one_sample_depthwise"]
+            out, calls = compiled_ops(lambda: ml.eval()(mx))
+            assert calls == ["dyconv_cpu::one_sample_depthwise"]
             torch.testing.assert_close(out, expected, **TOL[dtype])
         layer = layer.double()
 

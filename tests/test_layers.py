@@ -11,6 +11,7 @@ from torch import nn
 
 import dyconv
 from dyconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from op_calls import top_level_ops
 from reference import CONV, TOL, manual_attention, per_sample_reference
 
 LAYER = {1: DynamicConv1d, 2: DynamicConv2d, 3: DynamicConv3d}
@@ -443,15 +444,13 @@ def test_one_sample_path_for_large_kernels_and_channels_last(channels_last, scal
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
 
 
-def _counting_products(layer, x, monkeypatch):
+def _counting_products(layer, x):
     """The layer's output for ``x`` without gradients, with the matrix products (``mm``, ``addmm``) and the
-    convolutions (``dyconv.functional.conv``) it called."""
-    products, convs = [], []
-    monkeypatch.setattr(torch, "mm", _spy(torch.mm, products))
-    monkeypatch.setattr(torch, "addmm", _spy(torch.addmm, products))
-    monkeypatch.setattr(dyconv.functional, "conv", _spy(dyconv.functional.conv, convs))
+    convolutions it called."""
     with torch.no_grad():
-        out = layer(x)
+        out, ops = top_level_ops(lambda: layer(x))
+    products = [op for op in ops if op in ("aten::mm", "aten::addmm")]
+    convs = [op for op in ops if op in ("aten::conv1d", "aten::conv2d", "aten::conv3d")]
     return out, products, convs
 
 
@@ -486,7 +485,7 @@ def test_one_sample_1x1_as_one_matrix_product(rank, layout, bias, transposed, ch
     ref = per_sample_reference(layer, x)
     with torch.no_grad():  # the convolution's own layout for this input
         like = dyconv.functional.conv(x, layer.weight[0], None, [1] * rank, [0] * rank, [1] * rank, 1)
-    out, products, convs = _counting_products(layer, x, monkeypatch)
+    out, products, convs = _counting_products(layer, x)
     assert len(products) == 1 and not convs
     assert out.shape == like.shape and out.stride() == like.stride()
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
@@ -514,7 +513,7 @@ def test_one_sample_1x1_convolves_where_no_product_applies(case, monkeypatch, on
     elif case == "channels_innermost_1d":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     ref = per_sample_reference(layer, x)
-    out, products, convs = _counting_products(layer, x, monkeypatch)
+    out, products, convs = _counting_products(layer, x)
     assert not products and len(convs) == 1
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
 
@@ -544,16 +543,15 @@ def test_one_sample_dense_rule_remembered_per_shape(monkeypatch):
     if not dyconv._cpu_kernel.available():
         pytest.skip("the compiled CPU kernel is not available here")
     layer = DynamicConv2d(5, 6, 3, padding=1, num_experts=3, dtype=torch.float64).eval()
-    real_rule, real_dense = dyconv.functional._dense_kernel_suits, torch.ops.dyconv_cpu.dense_forward
     rules, dense = [], []
-    monkeypatch.setattr(dyconv.functional, "_dense_kernel_suits", _spy(real_rule, rules))
-    monkeypatch.setattr(torch.ops.dyconv_cpu, "dense_forward", _spy(real_dense, dense))
+    monkeypatch.setattr(dyconv.functional, "_dense_kernel_suits", _spy(dyconv.functional._dense_kernel_suits, rules))
     small, large = torch.randn(1, 5, 6, 7, dtype=torch.float64), torch.randn(1, 5, 15, 14, dtype=torch.float64)
     assert 42 <= dyconv._cpu_kernel.DENSE_MAX_POSITIONS < 210
 
     def run(x):
         with torch.no_grad():
-            out = layer(x)
+            out, ops = top_level_ops(lambda: layer(x))
+        dense.extend(op for op in ops if op == "dyconv_cpu::dense_forward")
         torch.testing.assert_close(out, per_sample_reference(layer, x), **TOL[torch.float64])
 
     for x, n_rules, n_dense in ((small, 1, 1), (small, 1, 2), (large, 2, 2), (large, 2, 2), (small, 3, 3)):
@@ -606,6 +604,117 @@ def test_one_sample_views_reused_and_rebuilt_when_parameters_change(one_sample_r
     assert dyconv._chunked.workspace_bytes() > 0
     copy.deepcopy(layer)  # the views live outside the module
     pickle.loads(pickle.dumps(layer))
+
+
+def test_one_sample_native_plan_runs_later_calls_alone(monkeypatch):
+    """With the compiled kernel, a layer's batch-1 calls after the first are one native call
+    (``csrc/one_sample.cpp``), without the Python plan's lookup and checks (``_one_sample._plan``), and exact; a
+    change the plan must see sends the next call back through Python, which builds a new plan."""
+    if not dyconv._cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not available here")
+    layer, inputs, check = _batch1_checked()
+    planned = []
+    monkeypatch.setattr(dyconv._one_sample, "_plan", _spy(dyconv._one_sample._plan, planned))
+    for _ in range(3):
+        check()
+    assert len(planned) == 1 and _one_sample_plans()[layer].native is not None
+    dyconv.set_temperature(layer, 3.0)
+    check()
+    check()
+    assert len(planned) == 2
+    layer.bias = nn.Parameter(layer.bias.detach() + 1.0)
+    check()
+    check()
+    assert len(planned) == 3
+
+
+def test_one_sample_native_plan_declines_where_python_would(monkeypatch):
+    """Once a layer's native plan exists, batch-1 calls under autocast or a Python dispatch mode, or with input of
+    another dtype, still take the general path, as before the plan existed: autocast's dtype out, the convolution's
+    FLOPs counted by ``FlopCounterMode``, the general path's error for the dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not dyconv._cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not available here")
+    layer = DynamicConv2d(8, 16, 3, padding=1).eval()
+    x = torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        layer(x)
+        assert _one_sample_plans()[layer].native is not None
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        assert counter.get_total_flops() >= 2 * 9 * 8 * 16 * 100  # the convolution's
+        with pytest.raises(RuntimeError) as expected:  # a copy has no plan
+            copy.deepcopy(layer)(x.double())
+        with pytest.raises(RuntimeError) as got:
+            layer(x.double())
+        assert str(got.value) == str(expected.value)
+        torch.testing.assert_close(layer(x), per_sample_reference(layer.double(), x.double()).float(),
+                                   **TOL[torch.float32])
+
+
+def _plan_changes():
+    """Changes after which a layer's batch-1 plan no longer holds, each as a function of the layer."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    def replace(module, name, value):
+        setattr(module, name, value)
+
+    def with_fresh(name):
+        return lambda layer: replace(layer, name, nn.Parameter(getattr(layer, name).detach().clone()))
+
+    return {
+        "weight replaced": with_fresh("weight"),
+        "bias replaced": with_fresh("bias"),
+        "bias removed": lambda layer: replace(layer, "bias", None),
+        "weight storage": lambda layer: setattr(layer.weight, "data", layer.weight.detach().clone()),
+        "weight strides": lambda layer: layer.to(memory_format=torch.channels_last),
+        # the same memory and shape, other strides (the kernel's two 3-wide dims swapped)
+        "weight transposed": lambda layer: setattr(layer.weight, "data", layer.weight.detach().transpose(3, 4)),
+        "bias storage": lambda layer: setattr(layer.bias, "data", layer.bias.detach() + 1.0),
+        "temperature in place": lambda layer: layer.temperature.fill_(3.0),
+        "temperature storage": lambda layer: setattr(layer.temperature, "data", layer.temperature * 3.0),
+        "temperature replaced": lambda layer: layer.register_buffer("temperature", layer.temperature.clone()),
+        "router replaced": lambda layer: replace(layer, "router", copy.deepcopy(layer.router)),
+        "fc1 replaced": lambda layer: replace(layer.router, "fc1", copy.deepcopy(layer.router.fc1)),
+        "fc2 weight": lambda layer: replace(layer.router.fc2, "weight", nn.Parameter(layer.router.fc2.weight + 0)),
+        "fc1 bias": lambda layer: replace(layer.router.fc1, "bias", nn.Parameter(layer.router.fc1.bias + 0)),
+        "forward hook": lambda layer: layer.router.register_forward_hook(lambda *args: None),
+        "pre-hook": lambda layer: layer.router.register_forward_pre_hook(lambda *args: None),
+        "parametrized": lambda layer: parametrize.register_parametrization(layer, "weight", Doubled()),
+        "workspace replaced": lambda layer: dyconv._chunked.workspace(10**6, layer.weight),
+        "dense limit": lambda layer: setattr(dyconv._cpu_kernel, "DENSE_MAX_POSITIONS", 7),
+        "pointwise limit": lambda layer: setattr(dyconv._one_sample, "POINTWISE_CONV_MAX_POSITIONS", 7),
+    }
+
+
+@pytest.mark.parametrize("change", list(_plan_changes()))
+def test_one_sample_plan_checks_agree(change, monkeypatch):
+    """The Python plan's check (``_Plan.matches``) and the native plan's (``OneSamplePlan.matches``) agree: both
+    hold for an unchanged layer and an in-place update of its parameters, and both fail after each change the plan
+    must see; the next call is exact."""
+    if not dyconv._cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel is not available here")
+    for name in ("DENSE_MAX_POSITIONS", "POINTWISE_CONV_MAX_POSITIONS"):  # restored after the test
+        module = dyconv._cpu_kernel if name.startswith("DENSE") else dyconv._one_sample
+        monkeypatch.setattr(module, name, getattr(module, name))
+    layer, _, check = _batch1_checked()
+    check()
+    plan = _one_sample_plans()[layer]
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    assert plan.matches(layer.weight) and plan.native.matches()
+    _plan_changes()[change](layer)
+    weight = layer._parameters.get("weight")
+    assert not (weight is not None and plan.matches(weight))
+    assert not plan.native.matches()
+    check()
 
 
 def test_one_sample_path_respects_hooks_parametrizations_and_pruning(one_sample_route):

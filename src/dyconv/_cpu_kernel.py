@@ -12,6 +12,8 @@
   the attention (input sum, the two linear layers, ReLU, softmax with the temperature) and mixes the kernel into
   the thread's workspace in one call, where PyTorch operators take six; for depthwise layers on channels_last input
   ``one_sample_depthwise`` computes the attention and then runs ``depthwise_forward``, the whole layer in one call.
+  ``csrc/one_sample.cpp``, built into the same module, adds ``OneSamplePlan`` (:func:`one_sample_plan_type`): a
+  layer's checks and its whole batch-1 route in one call from Python.
 * The ``"dense_kernel"`` strategy: ungrouped stride-1 layers with zero padding.
   ``torch.ops.dyconv_cpu.dense_forward`` mixes each sample's kernel inside the convolution's own tiles (a few
   output channels and a few hundred kernel elements at a time, into a buffer that stays in L1), so the per-sample
@@ -49,11 +51,13 @@ from torch import Tensor
 from ._chunked import autocast_dtype, conv_chunked, python_dispatch_active, unviewed
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernel.cpp"
+# the batch-1 layer in one call from Python (dyconv._one_sample), built into the same module
+PLAN_SOURCE = SOURCE.with_name("one_sample.cpp")
 ENV_SWITCH = "DYCONV_CPU_KERNEL"
 DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "loaded": False, "error": None}
+_state: dict = {"tried": False, "loaded": False, "error": None, "module": None}
 
 
 def _cpu_tag() -> str:
@@ -85,10 +89,11 @@ def _build() -> None:
         from torch.utils import cpp_extension
 
         # one build per CPU and source version: installs of different versions do not rebuild over each other
-        source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
-        cpp_extension.load(name=f"dyconv_cpu_{_cpu_tag()}_{source}", sources=[str(SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        source = hashlib.sha1(SOURCE.read_bytes() + PLAN_SOURCE.read_bytes()).hexdigest()[:10]
+        _state["module"] = cpp_extension.load(
+            name=f"dyconv_cpu_{_cpu_tag()}_{source}", sources=[str(SOURCE), str(PLAN_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=True,
+            verbose=False)
     finally:
         logger.setLevel(level)
         if path is None:
@@ -117,6 +122,12 @@ def available() -> bool:
                                   stacklevel=2)
             _state["tried"] = True
     return _state["loaded"]
+
+
+def one_sample_plan_type():
+    """``OneSamplePlan`` (``csrc/one_sample.cpp``): a layer's batch-1 inference in one call, checks included
+    (:mod:`dyconv._one_sample`); ``None`` where the kernel is not loaded."""
+    return _state["module"].OneSamplePlan if available() else None
 
 
 def unavailable_reason() -> Optional[str]:

@@ -17,6 +17,14 @@ Ungrouped unpadded stride-1 1x1 layers on contiguous or channels_last 2-D input 
 (:func:`_pointwise`), which on this CPU is faster than PyTorch's 1x1 convolution except for expansions with few
 positions (``POINTWISE_CONV_MAX_POSITIONS``).
 
+Where the compiled kernel is built, the plan also has a native twin (``OneSamplePlan``, ``csrc/one_sample.cpp``),
+and from a layer's second call on :func:`infer` hands the call straight to it: it checks what :meth:`_Plan.matches`
+checks (the same ``(dict, key, member)`` triples, built here), then the dtype, autocast and dispatch modes, and runs
+the route (dense kernel, depthwise call, or the mixing call then the product or the convolution) in C++. Where a
+check fails, or the dense kernel's rule is not known for the input's shape, it returns ``None`` and the call takes
+the Python steps below, which build a new plan where needed, evaluate the rule and call it again. In DY-MobileNetV2
+at batch 1 the Python steps it skips cost about 2-3 ms an image (README, "Batch 1 without gradients").
+
 What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
 (:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members
 (read from the modules' own ``_parameters``/``_buffers``/``_modules`` dicts, and checked by identity on every
@@ -48,10 +56,10 @@ class _Plan:
                  "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
                  "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
                  "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise", "matrix", "dense_key",
-                 "dense")
+                 "dense", "members", "empty", "native")
 
-    def __init__(self, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor, bias: Optional[Tensor],
-                 temperature: Tensor, base: Optional[Tensor]):
+    def __init__(self, layer: nn.Module, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor,
+                 bias: Optional[Tensor], temperature: Tensor, base: Optional[Tensor], state):
         self.router, self.fc1, self.fc2 = router, fc1, fc2
         self.w1, self.b1 = fc1._parameters["weight"], fc1._parameters["bias"]
         self.w2, self.b2 = fc2._parameters["weight"], fc2._parameters["bias"]
@@ -93,33 +101,42 @@ class _Plan:
         self.matrix = None
         if self.kernel is not None and all(s == 1 for s in experts.shape[3:]):
             self.matrix = self.kernel.view(experts.shape[1], experts.shape[2])
+        # what must stay as it is for the plan to hold: each (dict, key, member) with dict.get(key) is member, and
+        # dicts that must stay empty (the attention's hooks); checked by matches, and by the native plan
+        self.members = [(layer._parameters, "weight", weight), (layer._parameters, "bias", bias),
+                        (layer._buffers, "temperature", temperature), (layer._modules, "router", router),
+                        (router._modules, "fc1", fc1), (router._modules, "fc2", fc2),
+                        (fc1._parameters, "weight", self.w1), (fc1._parameters, "bias", self.b1),
+                        (fc2._parameters, "weight", self.w2), (fc2._parameters, "bias", self.b2),
+                        # the limits the route reads (tests change them)
+                        (vars(_cpu_kernel), "DENSE_MAX_POSITIONS", _cpu_kernel.DENSE_MAX_POSITIONS),
+                        (globals(), "POINTWISE_CONV_MAX_POSITIONS", POINTWISE_CONV_MAX_POSITIONS)]
+        if self.key is not None:
+            self.members.append((state.cache, self.key, base))
+        self.empty = [router._forward_hooks, router._forward_pre_hooks]
+        # the compiled plan (csrc/one_sample.cpp), which checks the same and runs the layer in one call
+        self.native = None
+        plan_type = _cpu_kernel.one_sample_plan_type() if self.compiled else None
+        if plan_type is not None:
+            self.native = plan_type(self.members, self.empty, weight, bias, temperature, self.inverse_temperature,
+                                    self.w1, self.b1, self.w2, self.b2, experts, flat, self.out, self.kernel,
+                                    self.matrix, self.bias_d, self.depthwise, POINTWISE_CONV_MAX_POSITIONS)
 
-    def matches(self, layer: nn.Module, weight: Tensor, state) -> bool:
-        params = layer._parameters
-        bias, temperature = params.get("bias"), layer._buffers.get("temperature")
-        router = layer._modules.get("router")
-        if weight is not self.weight or bias is not self.bias or temperature is not self.temperature:
-            return False
-        if router is not self.router or (self.key is not None and state.cache.get(self.key) is not self.base):
-            return False
-        fc1, fc2 = self.fc1, self.fc2
-        modules = router._modules
-        if modules.get("fc1") is not fc1 or modules.get("fc2") is not fc2:
-            return False
-        p1, p2 = fc1._parameters, fc2._parameters
-        if p1.get("weight") is not self.w1 or p1.get("bias") is not self.b1:
-            return False
-        if p2.get("weight") is not self.w2 or p2.get("bias") is not self.b2:
-            return False
+    def matches(self, weight: Tensor) -> bool:
+        """Whether the plan still holds for its layer, whose weight parameter is now ``weight``."""
+        for members, key, member in self.members:
+            if members.get(key) is not member:
+                return False
+        if any(self.empty):
+            return False  # hooks added since: the general path calls the router
         if self.weight_ptr != weight.data_ptr() or self.weight_shape != weight.shape:
             return False
+        bias, temperature = self.bias, self.temperature
         if self.weight_strides != weight.stride() or (bias is not None and self.bias_ptr != bias.data_ptr()):
             return False
         if self.temperature_ptr != temperature.data_ptr():
             return False
-        if self.temperature_version is not None and self.temperature_version != temperature._version:
-            return False
-        return not _hooked(router)  # hooks added since: the general path calls the router
+        return self.temperature_version is None or self.temperature_version == temperature._version
 
 
 def _dense_suits(plan: _Plan, x: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> bool:
@@ -217,7 +234,7 @@ def _plan(layer: nn.Module) -> Optional[_Plan]:
         plans = weakref.WeakKeyDictionary()  # a layer's entry goes with the layer
         state.one_sample_plans = plans
     plan = plans.get(layer)
-    if plan is not None and plan.matches(layer, weight, state):
+    if plan is not None and plan.matches(weight):
         return plan
     params, router = layer._parameters, layer._modules.get("router")
     bias, temperature = params.get("bias"), layer._buffers.get("temperature")
@@ -231,7 +248,7 @@ def _plan(layer: nn.Module) -> Optional[_Plan]:
         return None  # mixed dtypes: the general path (which raises where the operations do)
     base = _chunked.workspace_base(weight.numel() // weight.shape[0], weight)
     with torch.inference_mode(False):  # normal views, writable in and out of inference mode
-        plan = _Plan(router, fc1, fc2, weight, bias, temperature, base)
+        plan = _Plan(layer, router, fc1, fc2, weight, bias, temperature, base, state)
     plans[layer] = plan
     return plan
 
@@ -244,46 +261,39 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
     weight's on every call), autocast (which casts ``addmm``'s inputs but not ``addmv``'s) or a Python dispatch
     mode (``FlopCounterMode``, which :func:`dyconv.profile` uses, does not count ``addmv``). No gradient may be
     needed: on the CPU the kernel is written into the thread's reused workspace."""
+    plans = getattr(_chunked.thread_state(), "one_sample_plans", None)
+    if plans is not None:  # the native plan checks and runs the layer in one call
+        plan = plans.get(layer)
+        if plan is not None and plan.native is not None:
+            y = plan.native.run(x, stride, padding, dilation, groups, -1)
+            if y is not None:
+                return y
     plan = _plan(layer)
     if plan is None or x.dtype != plan.weight.dtype or _chunked.python_dispatch_active():
         return None
     if _chunked.autocast_dtype(plan.device_type) is not None:
         return None
-    weight = plan.weight
-    if plan.compiled:  # the same arithmetic as below, in one call
-        scale = plan.inverse_temperature
-        if scale is None:
-            scale = 1.0 / float(plan.temperature)
+    if plan.native is not None:
         # where the layers take "dense_kernel" (ungrouped stride-1 layers, kernels larger than 1x1, small outputs;
         # grouped layers, MobileNetV2's many depthwise ones, skip the rule's work): the attention, then the compiled
-        # kernel that mixes inside the convolution's tiles
-        if groups == 1 and _dense_suits(plan, x, stride, padding, dilation):
-            attention = torch.ops.dyconv_cpu.one_sample_attention(x, plan.w1, plan.b1, plan.w2, plan.b2, scale)
-            return torch.ops.dyconv_cpu.dense_forward(x, plan.experts, attention, plan.bias_d, padding, dilation)
-        # depthwise layers on channels-innermost input: the attention and the compiled depthwise kernel (which
-        # mixes the sample's few thousand kernel values and convolves) in one call
-        if plan.depthwise and groups == x.shape[1] == plan.experts.shape[1] and _channels_innermost(x):
-            return torch.ops.dyconv_cpu.one_sample_depthwise(x, plan.w1, plan.b1, plan.w2, plan.b2, scale,
-                                                             plan.experts, plan.bias_d, stride, padding, dilation)
-        mixed = torch.ops.dyconv_cpu.one_sample_mix(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.flat,
-                                                    plan.out, plan.bias_d)
-        kernel, mixed_bias = plan.kernel, None if plan.bias_d is None else mixed
+        # kernel that mixes inside the convolution's tiles. The native plan remembers the rule for x's shape.
+        dense = groups == 1 and _dense_suits(plan, x, stride, padding, dilation)
+        return plan.native.run(x, stride, padding, dilation, groups, int(dense))
+    # PyTorch operators: softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
+    if plan.inverse_temperature is None:
+        logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature
     else:
-        # softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
-        if plan.inverse_temperature is None:
-            logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, 1.0, plan.dims) / plan.temperature
+        logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
+    attention = torch.softmax(logits, 0)
+    if plan.out is None:  # no workspace (not the CPU): a fresh kernel
+        kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), plan.weight, plan.order)[0]
+    else:
+        if plan.rows is None:
+            torch.mv(plan.experts_t, attention, out=plan.out)
         else:
-            logits = one_sample_logits(x, plan.w1, plan.b1, plan.w2, plan.b2, plan.inverse_temperature, plan.dims)
-        attention = torch.softmax(logits, 0)
-        if plan.out is None:  # no workspace (not the CPU): a fresh kernel
-            kernel = _chunked.unflatten(torch.mv(plan.experts_t, attention).unsqueeze(0), weight, plan.order)[0]
-        else:
-            if plan.rows is None:
-                torch.mv(plan.experts_t, attention, out=plan.out)
-            else:
-                _chunked.scaled_adds(attention.tolist(), plan.rows, plan.out)  # a workspace: the CPU, no sync
-            kernel = plan.kernel
-        mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
+            _chunked.scaled_adds(attention.tolist(), plan.rows, plan.out)  # a workspace: the CPU, no sync
+        kernel = plan.kernel
+    mixed_bias = None if plan.bias_t is None else torch.mv(plan.bias_t, attention)
     if plan.matrix is not None:
         y = _pointwise(x, plan.matrix, mixed_bias, stride, padding, groups)
         if y is not None:
