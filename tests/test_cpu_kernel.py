@@ -228,7 +228,7 @@ def compiled_ops(fn):
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("case", [c for c in CASES if c.get("padding_mode", "zeros") == "zeros"], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
-def test_batch1_depthwise_in_one_call(rank, case, bias, monkeypatch):
+def test_batch1_depthwise_in_one_call(rank, case, bias):
     """Batch-1 inference of a depthwise layer on channels-innermost input: the attention and the depthwise kernel in
     one call (``one_sample_depthwise``), against the float64 reference; contiguous input keeps the mix-then-convolve
     call."""
@@ -248,7 +248,7 @@ def test_batch1_depthwise_in_one_call(rank, case, bias, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("channels", VECTOR_CHANNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_vector_block_of_the_depthwise_kernel(channels, dtype, monkeypatch):
+def test_every_vector_block_of_the_depthwise_kernel(channels, dtype):
     """Channel counts reaching every block of the forward's and backward's register tiles and the channels past them,
     forward and gradients of the strategy at batch 3 (against the float64 ``"loop"`` strategy's), and the batch-1
     call, whose attention sums the input in runs of 64 positions over two blocks (2350 positions: a partial run) and

@@ -22,8 +22,8 @@ and from a layer's second call on :func:`infer` hands the call straight to it: i
 checks (the same ``(dict, key, member)`` triples, built here), then the dtype, autocast and dispatch modes, and runs
 the route (dense kernel, depthwise call, or the mixing call then the product or the convolution) in C++. Where a
 check fails, or the dense kernel's rule is not known for the input's shape, it returns ``None`` and the call takes
-the Python steps below, which build a new plan where needed, evaluate the rule and call it again. In DY-MobileNetV2
-at batch 1 the Python steps it skips cost about 2-3 ms an image (README, "Batch 1 without gradients").
+the Python steps below, which build a new plan where needed, evaluate the rule and call it again. DY-MobileNetV2 at
+batch 1 took 3.1 ms less an image with it (a paired A/B against the commit before; README, "Where it stands").
 
 What it reuses from call to call is kept per layer and per thread, next to the workspace it points into
 (:func:`dyconv._chunked.thread_state`; :func:`dyconv._chunked.clear_workspaces` drops both): the layer's members
@@ -52,18 +52,17 @@ from .attention import ExpertAttention, one_sample_logits
 class _Plan:
     """One layer's members and reusable views for batch-1 inference (valid while :meth:`matches` holds)."""
 
-    __slots__ = ("router", "fc1", "fc2", "w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape",
-                 "weight_strides", "bias", "bias_ptr", "temperature", "temperature_ptr", "temperature_version",
-                 "inverse_temperature", "dims", "device_type", "key", "base", "order", "experts_t", "rows", "out",
-                 "kernel", "bias_t", "flat", "bias_d", "compiled", "experts", "depthwise", "matrix", "dense_key",
-                 "dense", "members", "empty", "native")
+    __slots__ = ("w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape", "weight_strides", "bias",
+                 "bias_ptr", "temperature", "temperature_ptr", "temperature_version", "inverse_temperature", "dims",
+                 "device_type", "key", "order", "experts_t", "rows", "out", "kernel", "bias_t", "flat", "bias_d",
+                 "compiled", "experts", "depthwise", "matrix", "dense_key", "dense", "members", "empty", "native")
 
     def __init__(self, layer: nn.Module, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor,
                  bias: Optional[Tensor], temperature: Tensor, base: Optional[Tensor], state):
-        self.router, self.fc1, self.fc2 = router, fc1, fc2
+        # base: the thread's workspace (None off the CPU), from state, the thread's mixing state
         self.w1, self.b1 = fc1._parameters["weight"], fc1._parameters["bias"]
         self.w2, self.b2 = fc2._parameters["weight"], fc2._parameters["bias"]
-        self.weight, self.bias, self.temperature, self.base = weight, bias, temperature, base
+        self.weight, self.bias, self.temperature = weight, bias, temperature
         self.device_type = weight.device.type
         self.dims = [0] + list(range(2, weight.dim() - 1))  # a batched input's batch and spatial dims
         # the workspace's key in the thread's cache (dyconv._chunked.workspace_base); none off the CPU
@@ -150,16 +149,6 @@ def _dense_suits(plan: _Plan, x: Tensor, stride: List[int], padding: List[int], 
         plan.dense = functional._dense_kernel_suits(x, plan.experts, list(stride), list(padding), list(dilation), 1)
         plan.dense_key = key
     return plan.dense
-
-
-def _channels_innermost(x: Tensor) -> bool:
-    """Whether the one-sample batch ``x`` ``(1, C, *spatial)`` lies in memory as ``(*spatial, C)`` (channels_last;
-    for 1-D inputs a ``(1, L, C)`` buffer seen as ``(1, C, L)``), checked without making a view."""
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return x.dim() == 3 and x.stride(1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[1])
 
 
 # 1x1 expansions (more output than input channels) with at most this many output positions keep PyTorch's
