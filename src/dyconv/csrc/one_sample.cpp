@@ -3,8 +3,8 @@
 //
 // At batch 1 a small layer's convolution takes 0.1-0.3 ms on the CPU, and the Python run around it (finding the
 // layer's plan, checking that its members are still the ones the plan's views were made from, choosing the route,
-// calling three or four operators) cost DY-MobileNetV2 about 2 ms an image on this machine, a tenth of its time
-// (README, "Batch 1 without gradients"). A OneSamplePlan holds what dyconv/_one_sample.py's _Plan built for a layer
+// calling three or four operators) cost DY-MobileNetV2 about 3 ms an image on this machine, a seventh of its time
+// (a paired A/B of this change: README, "Where it stands"). A OneSamplePlan holds what dyconv/_one_sample.py's _Plan built for a layer
 // whose attention and mixing the compiled kernel does, and its run() does, in C++, what _one_sample.infer then does:
 // the same checks of the members (the (dict, key, member) triples the Python plan checks too, so the two cannot
 // drift apart), then the route: the attention and the dense kernel (dense_forward), the attention and the depthwise
