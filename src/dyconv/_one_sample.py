@@ -55,7 +55,7 @@ class _Plan:
     __slots__ = ("w1", "b1", "w2", "b2", "weight", "weight_ptr", "weight_shape", "weight_strides", "bias",
                  "bias_ptr", "temperature", "temperature_ptr", "temperature_version", "inverse_temperature", "dims",
                  "device_type", "key", "order", "experts_t", "rows", "out", "kernel", "bias_t", "flat", "bias_d",
-                 "compiled", "experts", "depthwise", "matrix", "dense_key", "dense", "members", "empty", "native")
+                 "compiled", "experts", "depthwise", "matrix", "members", "empty", "native")
 
     def __init__(self, layer: nn.Module, router: nn.Module, fc1: nn.Module, fc2: nn.Module, weight: Tensor,
                  bias: Optional[Tensor], temperature: Tensor, base: Optional[Tensor], state):
@@ -94,8 +94,6 @@ class _Plan:
         self.experts = experts  # for the compiled kernels that mix inside the convolution
         # a depthwise layer's experts (K, C, 1, *kernel): one_sample_depthwise, where the input is channels-innermost
         self.depthwise = self.compiled and experts.dim() >= 4 and experts.shape[2] == 1
-        # _dense_suits's last answer and what it was for
-        self.dense_key, self.dense = None, False
         # a 1x1 kernel on the CPU as its (C_out, C_in) matrix, for _pointwise
         self.matrix = None
         if self.kernel is not None and all(s == 1 for s in experts.shape[3:]):
@@ -136,19 +134,6 @@ class _Plan:
         if self.temperature_ptr != temperature.data_ptr():
             return False
         return self.temperature_version is None or self.temperature_version == temperature._version
-
-
-def _dense_suits(plan: _Plan, x: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> bool:
-    """``functional._dense_kernel_suits`` for the plan's ungrouped layer and the one-sample batch ``x`` without
-    gradients, evaluated again only when what it reads then changes: ``x``'s shape, the convolution's arguments
-    and ``_cpu_kernel.DENSE_MAX_POSITIONS`` (the experts are the plan's; dtypes, autocast and dispatch modes
-    :func:`infer` checks first). Inside a network the rule's dozen calls cost tens of microseconds, their code
-    evicted by the convolution before (3x3 512->512 @7: the layer 0.1 ms slower than its two ops alone, ad-hoc)."""
-    key = (x.shape, tuple(stride), tuple(padding), tuple(dilation), _cpu_kernel.DENSE_MAX_POSITIONS)
-    if key != plan.dense_key:
-        plan.dense = functional._dense_kernel_suits(x, plan.experts, list(stride), list(padding), list(dilation), 1)
-        plan.dense_key = key
-    return plan.dense
 
 
 # 1x1 expansions (more output than input channels) with at most this many output positions keep PyTorch's
@@ -265,8 +250,11 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
     if plan.native is not None:
         # where the layers take "dense_kernel" (ungrouped stride-1 layers, kernels larger than 1x1, small outputs;
         # grouped layers, MobileNetV2's many depthwise ones, skip the rule's work): the attention, then the compiled
-        # kernel that mixes inside the convolution's tiles. The native plan remembers the rule for x's shape.
-        dense = groups == 1 and _dense_suits(plan, x, stride, padding, dilation)
+        # kernel that mixes inside the convolution's tiles. The native plan remembers the rule for x's shape and
+        # these arguments (the rule's dozen calls cost tens of microseconds inside a network, their code evicted by
+        # the convolution before), and DENSE_MAX_POSITIONS is one of its members.
+        dense = groups == 1 and functional._dense_kernel_suits(x, plan.experts, list(stride), list(padding),
+                                                               list(dilation), 1)
         return plan.native.run(x, stride, padding, dilation, groups, int(dense))
     # PyTorch operators: softmax(fc2(relu(fc1(mean(x)))) / T), 1/T folded into fc2's product
     if plan.inverse_temperature is None:

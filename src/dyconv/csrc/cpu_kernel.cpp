@@ -82,7 +82,11 @@ Geometry geometry(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef s
   return g;
 }
 
-// Channels-innermost strides of a (B, C, *spatial) tensor.
+}  // namespace
+
+namespace dyconv_cpu {
+
+// Channels-innermost strides of a (B, C, *spatial) tensor (also one_sample.cpp's test for the depthwise route).
 bool channels_innermost(const at::Tensor& t) {
   if (t.stride(1) != 1 && t.size(1) != 1) return false;
   int64_t expected = t.size(1);
@@ -92,6 +96,12 @@ bool channels_innermost(const at::Tensor& t) {
   }
   return t.size(0) == 1 || t.stride(0) == expected;
 }
+
+}  // namespace dyconv_cpu
+
+namespace {
+
+using dyconv_cpu::channels_innermost;
 
 at::Tensor empty_channels_innermost(const at::Tensor& like, at::IntArrayRef sizes) {
   // (B, *spatial, C) memory seen as (B, C, *spatial): strided from the start, not a view (a layer's output may be
@@ -767,7 +777,6 @@ inline void dense_tile(const T* w, int64_t ldw, const T* x, const int64_t* off, 
   for (int r = 0; r < kTileChannels; ++r)
     for (int j = 0; j < MVn; ++j) *reinterpret_cast<U*>(out + r * ldo + j * L) = acc[r][j];
 }
-
 
 // (d, h, w) strides of a (B, C, *spatial) tensor, size-1 dims filled in with 0
 void spatial_strides(const at::Tensor& t, int64_t* s) {

@@ -1,17 +1,18 @@
 // dyconv's batch-1 layer in one call from Python (built with cpu_kernel.cpp by dyconv/_cpu_kernel.py, as the
 // Python module whose OneSamplePlan dyconv/_one_sample.py uses).
 //
-// At batch 1 a small layer's convolution takes 0.1-0.3 ms on the CPU, and the Python run around it (finding the
-// layer's plan, checking that its members are still the ones the plan's views were made from, choosing the route,
-// calling three or four operators) cost DY-MobileNetV2 about 3 ms an image on this machine, a seventh of its time
-// (a paired A/B of this change: README, "Where it stands"). A OneSamplePlan holds what dyconv/_one_sample.py's _Plan built for a layer
+// At batch 1 a small layer's convolution takes 0.1-0.3 ms on the CPU, and the Python run around it (finding the layer's
+// plan, checking that its members are still the ones the plan's views were made from, choosing the route, calling three
+// or four operators) cost DY-MobileNetV2 about 3 ms an image on this machine, a seventh of its time (a paired A/B of
+// this change: README, "Where it stands"). A OneSamplePlan holds what dyconv/_one_sample.py's _Plan built for a layer
 // whose attention and mixing the compiled kernel does, and its run() does, in C++, what _one_sample.infer then does:
-// the same checks of the members (the (dict, key, member) triples the Python plan checks too, so the two cannot
-// drift apart), then the route: the attention and the dense kernel (dense_forward), the attention and the depthwise
-// kernel in one call (one_sample_depthwise), or the attention and the mixing (one_sample_mix) followed by one matrix
-// product (ungrouped unpadded stride-1 1x1 layers) or the convolution. run() returns None where a check fails or the
-// dense kernel's rule is not known for the input's shape: Python then checks again, builds a new plan where needed,
-// evaluates the rule, and calls run() with it.
+// the same checks of the members (the (dict, key, member) triples the Python plan checks too, so the two cannot drift
+// apart), then the route: the attention and the dense kernel (dense_forward), the attention and the depthwise kernel in
+// one call (one_sample_depthwise), or the attention and the mixing (one_sample_mix) followed by one matrix product
+// (ungrouped unpadded stride-1 1x1 layers) or the convolution. run() returns None where a check fails or the dense
+// kernel's rule is not known for the input's shape: Python then checks again, builds a new plan where needed, evaluates
+// the rule, and calls run() with it. pointwise() below is _one_sample._pointwise's rule in C++; the Python one stays
+// for the layers the compiled kernel does not take (no compiler), and the layer tests run both.
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -24,7 +25,13 @@
 
 namespace py = pybind11;
 
+namespace dyconv_cpu {
+bool channels_innermost(const at::Tensor& t);  // cpu_kernel.cpp: the depthwise kernel's own test of its input
+}  // namespace dyconv_cpu
+
 namespace {
+
+using dyconv_cpu::channels_innermost;
 
 // The compiled kernel's operators (cpu_kernel.cpp), called through the dispatcher as Python would call them
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -71,13 +78,6 @@ depthwise_op() {
                                          const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
                                          at::IntArrayRef)>();
   return op;
-}
-
-// Whether the one-sample batch x lies in memory as (*spatial, C) (_one_sample._channels_innermost)
-bool channels_innermost(const at::Tensor& x) {
-  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-  return x.dim() == 3 && x.stride(1) == 1 && (x.size(2) == 1 || x.stride(2) == x.size(1));
 }
 
 // _one_sample._pointwise: an ungrouped unpadded stride-1 1x1 convolution of x as one matrix product, into an output
