@@ -75,13 +75,14 @@ def test_expert_counts(rank, num_experts):
 @pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_every_tile_and_chunk(size, layout):
-    """float32 against the float64 reference where every boundary is reached: 96 x 9 kernel elements per output
-    channel (more than one buffer of mixed weights: 8 KB holds 341 per channel for six channels), 20 output
-    channels (three full blocks of six and a partial one), and positions (with the padded rows' extra columns)
-    that end on each kind of vector tile (16 floats per vector with AVX-512: 141, 61, 33, 22 and 1 positions are
-    9, 4, 3, 2 and 1 vectors)."""
-    layer = DynamicConv2d(96, 20, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
-    x = torch.randn(3, 96, *size, dtype=torch.float64)
+    """float32 against the float64 reference where every boundary is reached: 100 x 9 kernel elements per output
+    channel (more than one buffer of mixed weights: 8 KB holds 336 per channel for six channels, steps of 336, 336
+    and 228 in the experts' order; with channels_last experts at batch > 1 steps of every tap of 32 input channels,
+    three full ones and one of 4), 20 output channels (three full blocks of six and a partial one), and positions
+    (with the padded rows' extra columns) that end on each kind of vector tile (16 floats per vector with AVX-512:
+    141, 61, 33, 22 and 1 positions are 9, 4, 3, 2 and 1 vectors); at batch 3 and at batch 1."""
+    layer = DynamicConv2d(100, 20, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
+    x = torch.randn(3, 100, *size, dtype=torch.float64)
     expected = per_sample_reference(layer, x).float()
     layer, x = layer.float(), x.float()
     if layout == "channels_last":
