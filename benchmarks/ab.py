@@ -1,7 +1,9 @@
-"""A/B of a DY network between the working tree and a git revision, each side in its own process, interleaved.
+"""A/B of a DY network or layer between the working tree and a git revision, each side in its own process,
+interleaved.
 
     PYTHONPATH=src python benchmarks/ab.py --against HEAD~1                 # DY-MobileNetV2, both figures
     PYTHONPATH=src python benchmarks/ab.py --against 1775bb1 --network resnet18 --figures train --rounds 15
+    PYTHONPATH=src python benchmarks/ab.py --against HEAD~1 --layer "3x3 512" --figures batch --format contiguous
 
 The revision's ``src`` is exported with ``git archive`` into a temporary directory. Three worker processes (the
 static model, the DY model with the working tree's code, the DY model with the revision's) build the bench's models
@@ -9,7 +11,11 @@ static model, the DY model with the working tree's code, the DY model with the r
 timed call at a time, in turn, so that only one of them runs at any moment (with ``--pause`` seconds between calls:
 the OpenMP threads of the side that just ran spin for a while before they sleep). The figures are the bench's:
 ``batch`` is inference at ``--image-size`` (224), ``train`` a training step (forward, cross-entropy, backward, SGD
-step) at ``--train-image-size`` (112), both at ``--batch-size`` (32). Each side's figure is the median over
+step) at ``--train-image-size`` (112), both at ``--batch-size`` (32). With ``--layer`` the sides are instead one of
+the bench's layer shapes (``dyconv.benchmark.LAYER_SHAPES``, the one whose name contains the given text), built as
+the bench builds them (``nn.Conv2d`` and ``DynamicConv2d`` with four experts, the same seed): ``batch`` runs it
+without gradients at its listed size, ``train`` its forward and backward (loss: the output's mean square, no
+optimizer) at half that size, with the input's gradient too. Each side's figure is the median over
 ``--rounds`` rounds, and the comparison is the paired difference (working tree minus revision, round by round: its
 median, and in how many rounds the working tree was faster), which follows the machine's slow spells less than a
 difference of medians does.
@@ -34,6 +40,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAYER_PREFIX = "layer:"  # a worker's target that names a layer shape instead of a network
 
 
 def worker(network: str, dynamic: bool, figure: str, memory_format: str, batch: int, size: int,
@@ -47,17 +54,31 @@ def worker(network: str, dynamic: bool, figure: str, memory_format: str, batch: 
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    static, dy = build_network(network)
     fmt = FORMATS[memory_format]
-    model = (dy if dynamic else static).to(memory_format=fmt)
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=generator).contiguous(memory_format=fmt)
-    if figure == "train":
-        labels = torch.randint(0, 1000, (batch,), generator=generator)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        run = _train(model.train(), x, lambda y: F.cross_entropy(y, labels), optimizer)
+    if network.startswith(LAYER_PREFIX):
+        from dyconv import DynamicConv2d
+        from dyconv.benchmark import LAYER_SHAPES
+
+        shape = next(s for s in LAYER_SHAPES if s.name == network[len(LAYER_PREFIX):])
+        static, dy = shape.conv(), shape.conv(DynamicConv2d, num_experts=4)  # in the bench's order (the seed's draws)
+        model = (dy if dynamic else static).to(memory_format=fmt)
+        x = torch.randn(batch, shape.in_channels, size, size, generator=generator).contiguous(memory_format=fmt)
+        if figure == "train":
+            x.requires_grad_()
+            run = _train(model.train(), x, lambda y: y.square().mean(), None)
+        else:
+            run = _infer(model.eval(), x)
     else:
-        run = _infer(model.eval(), x)
+        static, dy = build_network(network)
+        model = (dy if dynamic else static).to(memory_format=fmt)
+        x = torch.randn(batch, 3, size, size, generator=generator).contiguous(memory_format=fmt)
+        if figure == "train":
+            labels = torch.randint(0, 1000, (batch,), generator=generator)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            run = _train(model.train(), x, lambda y: F.cross_entropy(y, labels), optimizer)
+        else:
+            run = _infer(model.eval(), x)
     for line in sys.stdin:
         command, _, argument = line.strip().partition(" ")
         if command == "check":
@@ -76,10 +97,15 @@ def worker(network: str, dynamic: bool, figure: str, memory_format: str, batch: 
 class Side:
     def __init__(self, src: pathlib.Path, args: argparse.Namespace, figure: str, dynamic: bool):
         size = args.image_size if figure == "batch" else args.train_image_size
-        command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", args.network,
+        command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", args.target,
                    "dy" if dynamic else "static", figure, args.format, str(args.batch_size), str(size),
                    str(args.threads)]
         env = {**os.environ, "PYTHONPATH": str(src)}
+        if src != ROOT / "src":
+            # the revision's compiled kernel in a build directory of its own: where its sources equal the working
+            # tree's, the two would share one (named by the sources' digest), and each side's load, from its own
+            # path, would rebuild it (about 40 s at every worker's start)
+            env["TORCH_EXTENSIONS_DIR"] = str(src.parent / "torch_extensions")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, line: str) -> str:
@@ -125,6 +151,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the git revision to compare the working tree with")
     parser.add_argument("--network", default="mobilenet_v2", choices=["mobilenet_v2", "resnet18"])
+    parser.add_argument("--layer", help="time this layer shape of the bench (a part of its name) instead of a network")
     parser.add_argument("--figures", nargs="+", default=["batch", "train"], choices=["batch", "train"])
     parser.add_argument("--format", default="channels_last", choices=["contiguous", "channels_last"])
     parser.add_argument("--rounds", type=int, default=11)
@@ -138,7 +165,18 @@ def main(argv=None) -> int:
     for name in ("rounds", "launches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1. Received: {getattr(args, name)}")
-    print(f"working tree against {args.against}: {args.network}, {args.format}, {args.launches} launches of "
+    args.target, target_name = args.network, args.network
+    if args.layer is not None:
+        from dyconv.benchmark import LAYER_SHAPES
+
+        matches = [s.name for s in LAYER_SHAPES if args.layer in s.name]
+        if len(matches) != 1:
+            parser.error(f"--layer must name one of the bench's layer shapes {[s.name for s in LAYER_SHAPES]}; "
+                         f"{args.layer!r} matches {len(matches)}: {matches}")
+        shape = next(s for s in LAYER_SHAPES if s.name == matches[0])
+        args.target, target_name = LAYER_PREFIX + shape.name, shape.name
+        args.image_size, args.train_image_size = shape.size, max(1, shape.size // 2)  # what the workers run at
+    print(f"working tree against {args.against}: {target_name}, {args.format}, {args.launches} launches of "
           f"{args.rounds} interleaved rounds, {args.threads} threads, batch {args.batch_size}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp)

@@ -52,3 +52,27 @@ def test_ab_unknown_revision_is_named():
 def test_ab_rejects_zero_rounds():
     result = run("--against", "HEAD", "--rounds", "0")
     assert result.returncode != 0 and "--rounds must be at least 1. Received: 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_ab_of_a_layer_shape():
+    # contiguous: no side needs the compiled kernel (whose build for the revision would take most of the test's time)
+    result = run("--against", "HEAD", "--layer", "dw3x3 576", "--format", "contiguous", "--rounds", "2", "--launches",
+                 "1", "--batch-size", "2", "--pause", "0")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("working tree against HEAD: dw3x3 576 @14, contiguous"), out
+    # the layer's own sizes: inference at its listed 14², the training step at half of it
+    assert re.search(r"^batch @14, all launches: .* tree faster in [0-2]/2 rounds$", out, flags=re.M), out
+    assert re.search(r"^train @7, all launches: .* tree faster in [0-2]/2 rounds$", out, flags=re.M), out
+    difference = float(re.search(r"relative to the largest output (\S+)", out).group(1))
+    src_clean = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "src"]).returncode == 0
+    if src_clean:
+        assert difference == 0.0, out
+
+
+def test_ab_layer_must_name_one_shape():
+    result = run("--against", "HEAD", "--layer", "3x3")
+    assert result.returncode != 0
+    assert "'3x3' matches 5: ['3x3 64->64 @56', '3x3 256->256 @14', '3x3 512->512 @7', 'dw3x3 144 @56', " \
+        "'dw3x3 576 @14']" in result.stderr
