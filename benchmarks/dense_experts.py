@@ -77,7 +77,8 @@ def main(argv=None) -> int:
                     for _ in range(args.rounds):
                         repeats, settle = (40, 2) if batch == 1 else (7, 0)
                         med = interleaved_medians(fns, repeats, settle=settle)
-                        ratios = ", ".join(f"{name} {med[name] / med['static']:.2f}x" for name in fns if name != "static")
+                        ratios = ", ".join(f"{name} {med[name] / med['static']:.2f}x" for name in fns
+                                           if name != "static")
                         print(f"{shape.name}, batch {batch}, {format_name}: static {med['static'] * 1e3:.2f} ms; "
                               f"{ratios}", flush=True)
     return 0

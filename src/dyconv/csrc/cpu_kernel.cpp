@@ -745,10 +745,11 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
 // planes carry enough slack that those reads stay inside the buffer).
 //
 // Work is split over blocks of NR output channels. For each block, KC kernel elements at a time, the K experts'
-// rows are read from L2 once for the whole batch and mixed for each sample in turn (from L1) into a small buffer
-// (the mixed kernel is never written out whole), used at once by every position of that sample; each sample's
-// partial sums for the block wait in a buffer between the KC steps. KC is a whole number of vectors, so that every
-// row of the buffer is mixed in whole vectors (a KC of 341 floats cost the mixing a third more at batch 32). The
+// rows are read once for the whole batch (at batch > 1 copied into one (K, NR, KC) buffer, so that a sample's mixing
+// is one pass) and mixed for each sample in turn (from L1) into a small buffer (the mixed kernel is never written out
+// whole), used at once by every position of that sample; each sample's partial sums for the block wait in a buffer
+// between the KC steps. KC is a whole number of vectors, so that every row of the buffer is mixed in whole vectors
+// (with a KC of 341 floats the mixing took about half as long again at batch 32, ad hoc). The
 // kernel elements are taken in the experts' own memory order (input channel then tap for contiguous experts, tap then
 // input channel for channels_last ones), so each expert row is read contiguously, except for channels_last experts
 // at batch > 1: there a step of one tap's KC input channels would read KC channel planes of every sample, more than
