@@ -62,23 +62,21 @@ def worker(network: str, dynamic: bool, figure: str, memory_format: str, batch: 
 
         shape = next(s for s in LAYER_SHAPES if s.name == network[len(LAYER_PREFIX):])
         static, dy = shape.conv(), shape.conv(DynamicConv2d, num_experts=4)  # in the bench's order (the seed's draws)
-        model = (dy if dynamic else static).to(memory_format=fmt)
-        x = torch.randn(batch, shape.in_channels, size, size, generator=generator).contiguous(memory_format=fmt)
-        if figure == "train":
-            x.requires_grad_()
-            run = _train(model.train(), x, lambda y: y.square().mean(), None)
-        else:
-            run = _infer(model.eval(), x)
+        channels = shape.in_channels
     else:
         static, dy = build_network(network)
-        model = (dy if dynamic else static).to(memory_format=fmt)
-        x = torch.randn(batch, 3, size, size, generator=generator).contiguous(memory_format=fmt)
-        if figure == "train":
-            labels = torch.randint(0, 1000, (batch,), generator=generator)
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            run = _train(model.train(), x, lambda y: F.cross_entropy(y, labels), optimizer)
-        else:
-            run = _infer(model.eval(), x)
+        channels = 3
+    model = (dy if dynamic else static).to(memory_format=fmt)
+    x = torch.randn(batch, channels, size, size, generator=generator).contiguous(memory_format=fmt)
+    if figure == "train" and network.startswith(LAYER_PREFIX):
+        x.requires_grad_()
+        run = _train(model.train(), x, lambda y: y.square().mean(), None)
+    elif figure == "train":
+        labels = torch.randint(0, 1000, (batch,), generator=generator)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        run = _train(model.train(), x, lambda y: F.cross_entropy(y, labels), optimizer)
+    else:
+        run = _infer(model.eval(), x)
     for line in sys.stdin:
         command, _, argument = line.strip().partition(" ")
         if command == "check":
@@ -169,11 +167,11 @@ def main(argv=None) -> int:
     if args.layer is not None:
         from dyconv.benchmark import LAYER_SHAPES
 
-        matches = [s.name for s in LAYER_SHAPES if args.layer in s.name]
+        matches = [s for s in LAYER_SHAPES if args.layer in s.name]
         if len(matches) != 1:
             parser.error(f"--layer must name one of the bench's layer shapes {[s.name for s in LAYER_SHAPES]}; "
-                         f"{args.layer!r} matches {len(matches)}: {matches}")
-        shape = next(s for s in LAYER_SHAPES if s.name == matches[0])
+                         f"{args.layer!r} matches {len(matches)}: {[s.name for s in matches]}")
+        shape = matches[0]
         args.target, target_name = LAYER_PREFIX + shape.name, shape.name
         args.image_size, args.train_image_size = shape.size, max(1, shape.size // 2)  # what the workers run at
     print(f"working tree against {args.against}: {target_name}, {args.format}, {args.launches} launches of "

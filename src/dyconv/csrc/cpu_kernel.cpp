@@ -744,18 +744,17 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
 // vectors. Positions with ow >= OW or oh >= OH are computed too and dropped (the price of the shift; the padded
 // planes carry enough slack that those reads stay inside the buffer).
 //
-// Work is split over blocks of NR output channels. For each block, KC kernel elements at a time, the K experts'
-// rows are read once for the whole batch (at batch > 1 copied into one (K, NR, KC) buffer, so that a sample's mixing
-// is one pass) and mixed for each sample in turn (from L1) into a small buffer (the mixed kernel is never written out
-// whole), used at once by every position of that sample; each sample's partial sums for the block wait in a buffer
-// between the KC steps. KC is a whole number of vectors, so that every row of the buffer is mixed in whole vectors
-// (with a KC of 341 floats the mixing took about half as long again at batch 32, ad hoc). The
-// kernel elements are taken in the experts' own memory order (input channel then tap for contiguous experts, tap then
-// input channel for channels_last ones), so each expert row is read contiguously, except for channels_last experts
-// at batch > 1: there a step of one tap's KC input channels would read KC channel planes of every sample, more than
-// L2 holds for the batch (3×3 512->512 @7 at batch 32 took twice as long as with contiguous experts), so a step takes
-// every tap of KC / taps input channels instead, each expert row read as one run per tap (ChunkOrder). A table gives
-// each kernel element's input offset, in the order the steps take them.
+// Work is split over blocks of NR output channels. For each block, KC kernel elements at a time, the K experts' rows
+// are read once for the whole batch (at batch > 1 copied into one (K, NR, KC) buffer, so that a sample's mixing is one
+// pass) and mixed for each sample in turn (from L1) into a small buffer (the mixed kernel is never written out whole),
+// used at once by every position of that sample; each sample's partial sums for the block wait in a buffer between the
+// KC steps. KC is a whole number of vectors, so that every row of the buffer is mixed in whole vectors. The kernel
+// elements are taken in the experts' own memory order (input channel then tap for contiguous experts, tap then input
+// channel for channels_last ones), so each expert row is read contiguously, except for channels_last experts at batch >
+// 1: there a step of one tap's KC input channels would read KC channel planes of every sample, more than L2 holds for
+// the batch (README, the "dense_kernel" item), so a step takes every tap of KC / taps input channels instead, each
+// expert row read as one run per tap (ChunkOrder). A table gives each kernel element's input offset, in the order the
+// steps take them.
 
 constexpr int kTileChannels = 6;  // NR: output channels per register tile
 constexpr int kTileVectors = 4;   // MV: vectors of positions per register tile
@@ -984,19 +983,22 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
         }
         for (int64_t b = 0; b < g.batch; ++b) {
           const T* a = attention + b * E;
-          for (int64_t r = 0; r < kTileChannels && !pack; ++r) {
-            T* m = mixed.data() + r * KC;
-            if (r >= nr) {  // past the last output channel: zeros, the results dropped
-              std::fill(m, m + kc, T(0));
-              continue;
-            }
-            for (int64_t u = order.run_start[step]; u < order.run_start[step + 1]; ++u) {
-              for (int64_t e = 0; e < E; ++e) rows[e] = experts + (e * Co + oc0 + r) * row + order.run_source[u];
-              mix_row<T>(m, rows.data(), a, E, order.run_length[u]);
-              m += order.run_length[u];
+          if (pack) {
+            mix_row<T>(mixed.data(), packed_rows.data(), a, E, kTileChannels * KC);
+          } else {
+            for (int64_t r = 0; r < kTileChannels; ++r) {
+              T* m = mixed.data() + r * KC;
+              if (r >= nr) {  // past the last output channel: zeros, the results dropped
+                std::fill(m, m + kc, T(0));
+                continue;
+              }
+              for (int64_t u = order.run_start[step]; u < order.run_start[step + 1]; ++u) {
+                for (int64_t e = 0; e < E; ++e) rows[e] = experts + (e * Co + oc0 + r) * row + order.run_source[u];
+                mix_row<T>(m, rows.data(), a, E, order.run_length[u]);
+                m += order.run_length[u];
+              }
             }
           }
-          if (pack) mix_row<T>(mixed.data(), packed_rows.data(), a, E, kTileChannels * KC);
           const T* xb = xp + b * sample;
           T* out = acc.data() + b * kTileChannels * padded_positions;
           int64_t v = 0;
