@@ -1,16 +1,17 @@
 """The compiled CPU kernel's ``"dense_kernel"`` strategy (``torch.ops.dyconv_cpu.dense_forward``: ungrouped stride-1
 layers, the mixing inside the convolution's tiles) against the per-sample ``nn.ConvNd`` reference in float64 over a
 grid of layers in 1-D, 2-D and 3-D, both memory formats of input and experts, with its gradients
-(``torch.ops.dyconv_cpu.dense_backward``; recomputed by "chunked" where the padding exceeds the kernel's reach); in
-float32 on shapes that reach every tile and chunk boundary, forward and backward; when the layers pick it; its
-errors."""
+(``torch.ops.dyconv_cpu.dense_backward``; recomputed by "chunked" where the padding exceeds the kernel's reach); each
+of the forward's two loops called directly ("grid": vectors of positions on the padded grid, "channels": vectors of
+output channels); in float32 on shapes that reach every tile and chunk boundary of each loop, forward and backward;
+when the layers pick it; its errors."""
 
 import pytest
 import torch
 
 from dyconv import DynamicConv2d, _cpu_kernel
 from dyconv.functional import select_strategy
-from reference import TOL, per_sample_reference
+from reference import TOL, manual_attention, per_sample_reference
 # _kernel_loaded: the autouse fixture that loads the kernel before each test, here too
 from test_cpu_kernel import _kernel_loaded, assert_frozen_experts_gradients_match_loop, needs_kernel  # noqa: F401
 from test_functional import LAYER, SPATIAL, assert_gradients_match_loop, largest_saved_tensor, run
@@ -25,6 +26,7 @@ CASES = [
     dict(kernel_size=3, padding=3),  # beyond the kernel's reach: backward recomputed by "chunked"
 ]
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
+LOOPS = ["grid", "channels"]  # dense_forward's loops ("auto" picks one)
 
 
 def layer_and_input(rank, case, batch, layout, in_channels=5, out_channels=7, dtype=torch.float64):
@@ -59,6 +61,33 @@ def test_matches_reference(rank, case, batch, layout):
     assert_gradients_match_loop(layer, x, out)
 
 
+def dense_forward(layer, x, loop, attention=None):
+    """``dense_forward`` on the layer's experts and bias with the given loop, for the layer's attention on ``x``
+    (computed by hand) or the given one."""
+    attention = manual_attention(layer, x) if attention is None else attention
+    return torch.ops.dyconv_cpu.dense_forward(x, layer.weight, attention, layer.bias, list(layer.padding),
+                                              list(layer.dilation), loop)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", [c for c in CASES if "padding_mode" not in c], ids=str)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_each_loop_matches_reference(rank, case, batch, layout, loop):
+    """Each loop of the forward at any batch size, whatever "auto" would pick, for an attention given directly."""
+    if layout == "channels_last" and rank == 1:
+        pytest.skip("no channels_last format in 1-D")
+    layer, x = layer_and_input(rank, case, batch, layout)
+    attention = torch.softmax(torch.randn(batch, 3, dtype=torch.float64), 1)
+    with torch.no_grad():
+        out = dense_forward(layer, x, loop, attention)
+        torch.testing.assert_close(out, per_sample_reference(layer, x, attention), **TOL[torch.float64])
+    fmt = FORMATS[rank] if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("num_experts", [1, 2, 4, 5])
@@ -72,36 +101,41 @@ def test_expert_counts(rank, num_experts):
 
 
 @needs_kernel
-@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (1, 1)])
+@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (3, 4), (2, 3), (1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_float32_every_tile_and_chunk(size, layout):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_float32_every_tile_and_chunk(size, layout, loop):
     """float32 against the float64 reference where every boundary is reached: 100 x 9 kernel elements per output
-    channel (more than one buffer of mixed weights: 8 KB holds 336 per channel for six channels, steps of 336, 336
-    and 228 in the experts' order; with channels_last experts at batch > 1 steps of every tap of 32 input channels,
-    three full ones and one of 4), 20 output channels (three full blocks of six and a partial one), and positions
-    (with the padded rows' extra columns) that end on each kind of vector tile (16 floats per vector with AVX-512:
-    141, 61, 33, 22 and 1 positions are 9, 4, 3, 2 and 1 vectors); at batch 3 and at batch 1."""
-    layer = DynamicConv2d(100, 20, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
+    channel, 70 output channels, at batch 3 and at batch 1. "grid": more than one buffer of mixed weights (8 KB holds
+    336 per channel for six channels, steps of 336, 336 and 228 in the experts' order; with channels_last experts at
+    batch > 1 steps of every tap of 32 input channels, three full ones and one of 4), eleven full blocks of six output
+    channels and a partial one, and positions (with the padded rows' extra columns) that end on each kind of vector
+    tile (16 floats per vector with AVX-512: 141, 61, 33, 22, 16, 8 and 1 positions are 9, 4, 3, 2, 1, 1 and 1
+    vectors). "channels": steps of 128 kernel rows (seven and one of 4; 32 KB of mixed rows for 64 channels), one full
+    block of 64 output channels and a partial one of 6, and tiles of seven positions with each count left over
+    (143, 49, 25, 16, 12, 6 and 1 positions: 3, 0, 4, 2, 5, 6 and 1). The batch-1 route through the layer too."""
+    layer = DynamicConv2d(100, 70, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
     x = torch.randn(3, 100, *size, dtype=torch.float64)
     expected = per_sample_reference(layer, x).float()
     layer, x = layer.float(), x.float()
     if layout == "channels_last":
         layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(run(layer, x, "dense_kernel"), expected, **TOL[torch.float32])
-        if size[0] * size[1] <= _cpu_kernel.DENSE_MAX_POSITIONS:
+        for batch in (3, 1):
+            torch.testing.assert_close(dense_forward(layer, x[:batch], loop), expected[:batch], **TOL[torch.float32])
+        if size[0] * size[1] <= _cpu_kernel.DENSE_MAX_POSITIONS and loop == "grid":
             torch.testing.assert_close(layer(x[:1]), expected[:1], **TOL[torch.float32])  # the batch-1 route
 
 
 @needs_kernel
-@pytest.mark.parametrize("size", [(13, 11), (7, 7), (4, 4), (3, 3), (2, 1), (1, 1)])
+@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (3, 4), (3, 3), (2, 3), (2, 1), (1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_gradients_every_tile_and_chunk(size, layout):
     """Backward in float32 against the float64 reference's gradients where every boundary of its loops is reached:
     70 channels in and out (with AVX-512 one full block of 64 channels and a partial one, in both directions), 630
     kernel rows per output channel (six full tasks of 96 and a partial one, groups of 12, tiles of 6), and positions
-    that end on each size of the position tile (143, 49, 16, 9, 2 and 1 positions: 5, 1, 4, 3, 2 and 1 left over
-    after tiles of 6)."""
+    that end on each size of the input gradient's position tile (143, 49, 25, 16, 12, 9, 6, 2 and 1 positions: 3, 0,
+    4, 2, 5, 2, 6, 2 and 1 left over after tiles of 7)."""
     layer = DynamicConv2d(70, 70, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
     x = torch.randn(3, 70, *size, dtype=torch.float64, requires_grad=True)
     expected_out = run(layer, x, "loop")
@@ -221,6 +255,8 @@ def test_dense_forward_checks_its_arguments():
         torch.ops.dyconv_cpu.dense_forward(x, experts, attention, None, [0, 0], [4, 4])
     with pytest.raises(RuntimeError, match="float32 or float64 CPU tensor, got Half"):
         torch.ops.dyconv_cpu.dense_forward(x.half(), experts, attention, None, [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="loop must be 'auto', 'grid' or 'channels', got 'rows'"):
+        torch.ops.dyconv_cpu.dense_forward(x, experts, attention, None, [1, 1], [1, 1], "rows")
 
 
 @needs_kernel

@@ -852,7 +852,8 @@ struct ClGeometry : Geometry {
         for (int64_t w = 0; w < out[2]; ++w) off[p++] = ((d * padded[1] + h) * padded[2] + w) * channels;
     return off;
   }
-  std::vector<int64_t> row_offsets() const {
+  // (rows r = tap * channels + channel with `taps_first`: the order of channels_last experts)
+  std::vector<int64_t> row_offsets(bool taps_first = false) const {
     std::vector<int64_t> off(rows());
     for (int64_t kd = 0; kd < kernel[0]; ++kd)
       for (int64_t kh = 0; kh < kernel[1]; ++kh)
@@ -860,7 +861,7 @@ struct ClGeometry : Geometry {
           const int64_t tap = (kd * kernel[1] + kh) * kernel[2] + kw;
           const int64_t base =
               ((kd * dilation[0] * padded[1] + kh * dilation[1]) * padded[2] + kw * dilation[2]) * channels;
-          for (int64_t c = 0; c < channels; ++c) off[c * taps() + tap] = base + c;
+          for (int64_t c = 0; c < channels; ++c) off[taps_first ? tap * channels + c : c * taps() + tap] = base + c;
         }
     return off;
   }
@@ -1053,7 +1054,9 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
 // so dense_run keeps the forward. A second loop (cl_weight_grad) gives the expert and attention gradients without
 // writing any per-sample kernel gradient to memory.
 
-constexpr int kClRows = 6;      // positions (forward) or kernel rows (weight gradient) per register tile
+constexpr int kClPositions = 7;  // output positions per register tile of cl_run (7², 14², 28², 56²: whole tiles)
+constexpr int kClRows = 6;       // kernel rows per register tile of the weight gradient
+constexpr int64_t kClMixedBytes = 32768;  // cl_run's buffer of mixed rows (KC x NB elements)
 constexpr int kClVectors = 4;   // vectors of output channels per register tile; a block is kClVectors * lanes
 constexpr int64_t kClGradRows = 96;       // kernel rows of a block per task of the weight gradient
 
@@ -1093,17 +1096,21 @@ at::Tensor cl_padded(const at::Tensor& x, const ClGeometry& g) {
 }
 
 // The experts (K, C_out, C_in, *kernel), any strides, read the way the channels-innermost loops use them: for a
-// block of NB of the N channels, kernel rows r = m * taps + t of NB values each (zeros past the last channel).
-// Forward: N = C_out, M = C_in. Transposed (the input gradient's kernel): N = C_in, M = C_out, taps flipped. Rows are
-// packed a few dozen at a time, just before use, into small buffers that stay in cache.
+// block of NB of the N channels, kernel rows r = m * taps + t of NB values each (zeros past the last channel), or,
+// with `memory_order` for forward experts stored tap-major (channels_last), r = t * M + m (taps_first), so that each
+// channel's rows lie in order in memory either way. Forward: N = C_out, M = C_in. Transposed (the input gradient's
+// kernel): N = C_in, M = C_out, taps flipped. Rows are packed a few dozen at a time, just before use, into small
+// buffers that stay in cache.
 template <typename T>
 struct ExpertRows {
   const T* src;
   int64_t K, N, M, taps, sk, sn, sm;
   std::vector<int64_t> tap_offset;  // element offset of each tap (flipped when transposed)
   bool rows_in_order;                // row r of every channel at element r (contiguous forward experts)
+  bool taps_first = false;           // rows r = t * M + m
 
-  ExpertRows(const at::Tensor& experts, bool transpose) : src(experts.template data_ptr<T>()) {
+  ExpertRows(const at::Tensor& experts, bool transpose, bool memory_order = false)
+      : src(experts.template data_ptr<T>()) {
     const int64_t rank = experts.dim() - 3, Co = experts.size(1), Ci = experts.size(2);
     int64_t ks[3] = {1, 1, 1}, st[3] = {0, 0, 0};
     for (int i = 0; i < rank; ++i) {
@@ -1127,6 +1134,11 @@ struct ExpertRows {
         }
     rows_in_order = sm == taps;
     for (int64_t t = 0; t < taps; ++t) rows_in_order = rows_in_order && tap_offset[t] == t;
+    if (memory_order && !transpose && !rows_in_order && sm == 1) {
+      taps_first = true;
+      for (int64_t t = 0; t < taps; ++t) taps_first = taps_first && tap_offset[t] == t * M;
+      rows_in_order = taps_first;
+    }
   }
   int64_t rows() const { return M * taps; }
 
@@ -1188,15 +1200,17 @@ template <typename T>
 inline void cl_tiles(const T* m, const T* xb, const int64_t* pos, int64_t P, const int64_t* off, int64_t kc, T* out,
                      bool first) {
   constexpr int64_t NB = cl_block<T>();
-  const T* rows[kClRows];
+  const T* rows[kClPositions];
   int64_t p = 0;
-  for (; p + kClRows <= P; p += kClRows) {
-    for (int r = 0; r < kClRows; ++r) rows[r] = xb + pos[p + r];
-    cl_tile<T, kClRows>(m, rows, off, kc, out + p * NB, first);
+  for (; p + kClPositions <= P; p += kClPositions) {
+    for (int r = 0; r < kClPositions; ++r) rows[r] = xb + pos[p + r];
+    cl_tile<T, kClPositions>(m, rows, off, kc, out + p * NB, first);
   }
   const int64_t left = P - p;
   for (int r = 0; r < left; ++r) rows[r] = xb + pos[p + r];
+  static_assert(kClPositions == 7, "the cases below cover the tiles left over");
   switch (left) {
+    case 6: cl_tile<T, 6>(m, rows, off, kc, out + p * NB, first); break;
     case 5: cl_tile<T, 5>(m, rows, off, kc, out + p * NB, first); break;
     case 4: cl_tile<T, 4>(m, rows, off, kc, out + p * NB, first); break;
     case 3: cl_tile<T, 3>(m, rows, off, kc, out + p * NB, first); break;
@@ -1215,8 +1229,8 @@ void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, cons
   const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
   const int64_t sample = g.plane() * g.channels;
   const auto pos = g.position_offsets();
-  const auto off = g.row_offsets();
-  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(R, kMixedBytes / (NB * int64_t(sizeof(T)))));
+  const auto off = g.row_offsets(experts.taps_first);
+  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(R, kClMixedBytes / (NB * int64_t(sizeof(T)))));
   // blocks of output channels, and where there are fewer blocks than threads, groups of samples too
   const int64_t groups = std::min<int64_t>(g.batch, (at::get_num_threads() + blocks - 1) / blocks);
   T* ys = y.template data_ptr<T>();
@@ -1402,10 +1416,20 @@ std::vector<int64_t> out_sizes(const Geometry& g, int64_t channels, int64_t rank
   return sizes;
 }
 
+// Whether dense_forward's "auto" takes cl_run (vectors over output channels: no padded positions, but the experts'
+// rows packed for each block and step, a cost the batch shares) rather than dense_run (vectors over positions of the
+// padded grid). Measured with benchmarks/dense_loops.py (README, the "dense_kernel" item): cl_run is the faster from
+// batch 8 on, and from batch 2 on where the experts are channels_last.
+bool channels_loop_pays(const DenseGeometry& g) { return g.batch >= 8 || (g.batch >= 2 && g.taps_first); }
+
 // x (B, C_in, *spatial), any layout; experts (K, C_out, C_in, *kernel); attention (B, K); bias (K, C_out) or none.
+// `loop`: "grid" (dense_run), "channels" (cl_run) or "auto" (channels_loop_pays).
 // Returns y (B, C_out, *out) in x's suggested memory format.
 at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& attention,
-                         const c10::optional<at::Tensor>& bias, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                         const c10::optional<at::Tensor>& bias, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         c10::string_view loop) {
+  TORCH_CHECK(loop == "auto" || loop == "grid" || loop == "channels",
+              "dyconv dense kernel: loop must be 'auto', 'grid' or 'channels', got '", loop, "'");
   auto e = dense_checks(x, experts, attention);
   const int64_t rank = x.dim() - 2, K = e.size(0);
   DenseGeometry g;
@@ -1421,9 +1445,16 @@ at::Tensor dense_forward(const at::Tensor& x, const at::Tensor& experts, const a
   }
   auto y = at::empty(out_sizes(g, g.out_channels, rank), x.options().memory_format(x.suggest_memory_format()));
   if (y.numel() == 0) return y;
+  const bool channels = loop == "channels" || (loop == "auto" && channels_loop_pays(g));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_dense_forward", [&] {
-    dense_run<scalar_t>(g, x, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-                        bb.defined() ? bb.data_ptr<scalar_t>() : nullptr, y);
+    const scalar_t* bp = bb.defined() ? bb.data_ptr<scalar_t>() : nullptr;
+    if (channels) {
+      auto xp = cl_padded<scalar_t>(x, g);
+      cl_run<scalar_t>(g, xp.data_ptr<scalar_t>(), ExpertRows<scalar_t>(e, false, true), a.data_ptr<scalar_t>(), bp,
+                       y);
+    } else {
+      dense_run<scalar_t>(g, x, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), bp, y);
+    }
   });
   return y;
 }
@@ -1481,8 +1512,8 @@ TORCH_LIBRARY(dyconv_cpu, m) {
   m.def("one_sample_attention(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale) -> Tensor");
   m.def("one_sample_depthwise(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
         "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
-  m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation) "
-        "-> Tensor");
+  m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation, "
+        "str loop=\"auto\") -> Tensor");
   m.def("dense_backward(Tensor grad_y, Tensor x, Tensor experts, Tensor attention, int[] padding, int[] dilation, "
         "bool need_input, bool need_experts) -> (Tensor, Tensor, Tensor)");
 }

@@ -57,12 +57,14 @@ attention_op() {
 }
 
 const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef)>&
+                                          const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                          c10::string_view)>&
 dense_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dyconv_cpu::dense_forward", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef)>();
+                                         const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                         c10::string_view)>();
   return op;
 }
 
@@ -192,7 +194,7 @@ struct OneSamplePlan {
       py::gil_scoped_release no_gil;
       if (groups == 1 && dense) {
         auto attention = attention_op().call(x, w1, b1, w2, b2, scale);
-        y = dense_op().call(x, experts, attention, bias_d, padding, dilation);
+        y = dense_op().call(x, experts, attention, bias_d, padding, dilation, "auto");
       } else if (depthwise && groups == x.size(1) && groups == experts.size(1) && channels_innermost(x)) {
         y = depthwise_op().call(x, w1, b1, w2, b2, scale, experts, bias_d, stride, padding, dilation);
       } else {
