@@ -250,19 +250,15 @@ def conv_depthwise_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], att
 
 DENSE_MAX_POSITIONS = 196
 """The most output positions per sample for which :func:`dyconv.functional.select_strategy` takes
-``"dense_kernel"`` at batch 1 (14×14: the deep 3×3 layers of ResNets), and at larger batches where one sample's kernel
-fills a chunk of ``"chunked"`` (``_chunked.FORWARD_CHUNK_ELEMENTS``, as 3×3 512->512 does), which then mixes and
-convolves one sample at a time."""
-
-DENSE_MAX_POSITIONS_BATCHED = 100
-"""The most output positions per sample for ``"dense_kernel"`` at batch > 1 otherwise, with or without gradients. At
-batch 32, float32, as ratios to static. Inference (``PYTHONPATH=src python benchmarks/strategies.py --layers 256 512
---sizes 7 10 12 14 --strategies chunked dense_kernel``, 2026-11-29 at 94afbe2): 3×3 256->256 @7 / @10 / @12 / @14
-dense 2.24× / 2.04× / 1.65× / 1.58× against chunked 3.59× / 2.23× / 1.53× / 1.53×; 512->512 dense 2.08× / 1.87× /
-2.02× / 1.73× against 3.70× / 3.05× / 2.63× / 2.92×. The training step at 7² / 10² / 14² (``... --layers "3x3 64"
-"3x3 256" "3x3 512" --sizes 14 20 28 --train --strategies chunked dense_kernel``, at ec8b0cd): 64->64 dense 1.83× /
-1.72× / 1.48× against 2.68× / 2.10× / 1.41×; 256->256 1.87× / 2.06× / 1.91× against 2.90× / 2.36× / 1.86×; 512->512
-2.24× / 2.47× / 2.09× against 6.25× / 3.97× / 2.84×."""
+``"dense_kernel"`` (14×14: the deep 3×3 layers of ResNets), at any batch size, with or without gradients. At batch
+32, float32, contiguous, as ratios to static (``PYTHONPATH=src python benchmarks/strategies.py --layers "3x3 64"
+"3x3 256" "3x3 512" --sizes 7 14 28 56 --strategies chunked dense_kernel``, 2026-11-30 at ddf0d4b, since which
+``dense_forward`` takes its channels loop from batch 8 on): 3×3 64->64 @7 / @14 / @28 / @56 dense 1.88× / 1.38× / 1.37×
+/ 1.51× against chunked 2.69× / 1.45× / 1.17× / 1.15×; 256->256 1.66× / 1.40× / 1.49× / 1.35× against 4.07× / 1.93× /
+1.28× / 1.00×; 512->512 1.63× / 1.37× / 1.47× / 1.41× against 6.32× / 2.67× / 1.61× / 1.42×. The training step at
+10² / 14² (``... --sizes 20 28 --train``): 64->64 dense 1.69× / 1.26× against chunked 3.02× / 2.29×; 256->256 1.60× /
+1.49× against 3.20× / 2.06×; 512->512 1.45× / 1.35× against 3.46× / 2.26×. (At 20², inference, dense lost for 64 and
+256 channels: 1.43× and 1.53× against 1.29× and 1.36×.)"""
 
 
 @torch.jit.unused

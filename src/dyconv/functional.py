@@ -366,9 +366,7 @@ def _experts_limits(device_type: str) -> List[int]:
 def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
                         groups: int) -> bool:
     """Where ``"dense_kernel"`` is the default: more than one expert, a kernel larger than 1×1, at most
-    ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample at batch 1, and at batch > 1 at most
-    ``_cpu_kernel.DENSE_MAX_POSITIONS_BATCHED`` unless one sample's kernel fills a chunk of ``"chunked"``; where
-    gradients are needed (the input or the experts require them), only at batch > 1 and with padding that the
+    ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample; where gradients are needed (the input or the experts require them), only at batch > 1 and with padding that the
     compiled backward takes (``_cpu_kernel.dense_backward_applies``); and the kernel applies."""
     if weight.shape[0] == 1 or kernel_is_one(weight):
         return False
@@ -377,9 +375,6 @@ def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: L
             return False
     positions = output_positions(x, weight, stride, padding, dilation)
     if positions > _cpu_kernel.DENSE_MAX_POSITIONS:
-        return False
-    large_kernel = weight[0].numel() >= _chunked.FORWARD_CHUNK_ELEMENTS  # "chunked" takes one sample at a time
-    if x.shape[0] > 1 and positions > _cpu_kernel.DENSE_MAX_POSITIONS_BATCHED and not large_kernel:
         return False
     return _cpu_kernel.dense_applies(x, weight, stride, groups)
 
