@@ -191,13 +191,25 @@ def test_auto_picks_chunked_in_eager_mode():
 def test_auto_picks_experts_for_tiny_ungrouped_outputs():
     w = torch.zeros(4, 8, 8, 3, 3)
     one = [1, 1]
+    # the rules for tiny outputs as they stand without the compiled kernel (meta tensors); where it applies it comes
+    # first from DENSE_OVER_TINY_MIN_POSITIONS (4) output positions
+    dense = _cpu_kernel.available()
+
+    def without_kernel(x, w):
+        return select_strategy(x.to("meta"), w.to("meta"), [1, 1], 1, one, one)
+
     # 2x2 output: 4 positions <= UNFOLD_EXPERTS_MAX_POSITIONS
-    assert select_strategy(torch.zeros(4, 8, 2, 2), w, [1, 1], 1, one, one) == "unfold_experts"
+    assert without_kernel(torch.zeros(4, 8, 2, 2), w) == "unfold_experts"
+    assert select_strategy(torch.zeros(4, 8, 2, 2), w, [1, 1], 1, one, one) == (
+        "dense_kernel" if dense else "unfold_experts")
+    # 1x1 output: below DENSE_OVER_TINY_MIN_POSITIONS, the rules for tiny outputs with the compiled kernel too
+    assert select_strategy(torch.zeros(4, 8, 1, 1), w, [1, 1], 1, one, one) == "unfold_experts"
     # 3x3 output: 9 x (K - 1) = 27 <= 48
-    assert select_strategy(torch.zeros(4, 8, 3, 3), w, [1, 1], 1, one, one) == "experts"
+    assert without_kernel(torch.zeros(4, 8, 3, 3), w) == "experts"
+    assert select_strategy(torch.zeros(4, 8, 3, 3), w, [1, 1], 1, one, one) == ("dense_kernel" if dense else "experts")
     # ... unless the input is wide
     wide = torch.zeros(4, 8, 256, 3, 3)
-    assert select_strategy(torch.zeros(4, 256, 3, 3), wide, [1, 1], 1, one, one) == "unfold_experts"
+    assert without_kernel(torch.zeros(4, 256, 3, 3), wide) == "unfold_experts"
     # 1x1 kernels: their K-kernel convolution is one matrix product already
     w1 = torch.zeros(4, 8, 256, 1, 1)
     assert select_strategy(torch.zeros(4, 256, 2, 2), w1, [0, 0], 1, one, one) == "experts"

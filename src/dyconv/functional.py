@@ -340,12 +340,14 @@ def conv_unfold_experts(x: Tensor, weight: Tensor, bias: Optional[Tensor], atten
 EXPERTS_MAX_POSITIONS = 48
 UNFOLD_EXPERTS_MAX_POSITIONS = 4
 # ... except where the compiled "dense_kernel" applies (_dense_kernel_suits) and the output has at least this many
-# positions: at 4x4 outputs, batch 32, it was the fastest of the strategies run for 3x3 64/256/512 channels,
-# inference and training, where the rules' choice took up to 1.7x its time (benchmarks/strategies.py --layers
-# "3x3 64" "3x3 256" "3x3 512" --sizes 3 4 --strategies dense_kernel unfold_experts experts, and --sizes 4 6 8 --train
-# for the training step at half those sizes; README, "dense_kernel"); at 3x3 outputs it beat the rules' choice in
-# all six cells too, but another strategy was the fastest in two of them.
-DENSE_OVER_TINY_MIN_POSITIONS = 16
+# positions. Batch 32, 3x3 64/256/512 channels, ratios to static (benchmarks/strategies.py --layers "3x3 64" "3x3 256"
+# "3x3 512" --sizes 2 3 4 --strategies dense_kernel unfold_experts experts, and --sizes 4 6 8 --train for the training
+# step at half those sizes; 2026-11-30, with dense_forward's channels loop): at 3x3 and 4x4 outputs it was the fastest
+# in all twelve cells (3x3 inference 2.32x / 3.02x / 3.31x against the rules' choice 2.77x / 7.95x / 7.59x, training
+# 2.45x / 3.20x / 4.10x against 2.64x / 5.89x / 6.18x); at 2x2 in three of six and within 15 % of the fastest in the
+# others, where the rules' choice took up to 2.6x its time (inference 2.85x / 4.69x / 4.68x against 8.27x / 9.89x /
+# 7.52x, training 2.55x / 3.56x / 3.84x against 4.57x / 4.32x / 3.64x).
+DENSE_OVER_TINY_MIN_POSITIONS = 4
 # On other devices (CUDA), where a layer's cost at these sizes is mostly its launches: "experts" (one dense
 # convolution with all K kernels) for ungrouped layers of at most this many output positions, and never
 # "unfold_experts". benchmarks/strategies.py --device cuda --train (H200, batch 32, ratios to static): "experts"
@@ -366,8 +368,9 @@ def _experts_limits(device_type: str) -> List[int]:
 def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
                         groups: int) -> bool:
     """Where ``"dense_kernel"`` is the default: more than one expert, a kernel larger than 1×1, at most
-    ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample; where gradients are needed (the input or the experts require them), only at batch > 1 and with padding that the
-    compiled backward takes (``_cpu_kernel.dense_backward_applies``); and the kernel applies."""
+    ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample; where gradients are needed (the input or the
+    experts require them), only at batch > 1 and with padding that the compiled backward takes
+    (``_cpu_kernel.dense_backward_applies``); and the kernel applies."""
     if weight.shape[0] == 1 or kernel_is_one(weight):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

@@ -6,7 +6,8 @@
 //   one_sample_attention: the attention alone; one_sample_depthwise: the attention and depthwise_forward.
 // * dense_forward: inference of an ungrouped stride-1 dynamic convolution with the mixing inside the convolution's
 //   own tiles: each sample's kernel is mixed a few output channels and a few hundred inputs at a time into a
-//   buffer that stays in L1, never written whole (see "Dense convolution" below).
+//   buffer that stays in cache, never written whole (see "Dense convolution" below: two loops, one with vectors of
+//   positions, one with vectors of output channels); dense_backward: its gradients, the same way.
 //
 // Tensors are read through raw pointers in the "channels innermost" memory order that channels_last (2-D),
 // channels_last_3d (3-D) and a (B, L, C) buffer seen as (B, C, L) (1-D) share: element (b, c, d, h, w) of an
@@ -1040,19 +1041,19 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   });
 }
 
-// ---- Channels-innermost dense convolution: the gradients of dense_forward ----
+// ---- Channels-innermost dense convolution: dense_forward's second loop, and the gradients ----
 //
 // dense_run above computes output positions in vectors (a 7×7 output pays for the padded grid's 64) and mixes each
 // sample's kernel rows in the experts' own (output channel, kernel element) order. Here the vectors run over output
-// channels instead: a register tile is kClRows output positions (any of them: no padded grid) by kClVectors vectors
-// of NB output channels, and the experts are read as rows r = channel * taps + tap of NB output channels
-// (ExpertRows), packed a few dozen rows at a time into a buffer that stays in cache, so that mixing a sample's rows
-// is one flat weighted sum of K contiguous runs. The input is copied once, zero-padded, to channels-innermost
-// planes. This loop (cl_run) gives the input gradient, the experts read transposed with flipped taps (the input
-// gradient of a stride-1 convolution is a convolution of the output gradient); as a forward it was slower than
-// dense_run in an ad-hoc comparison (3×3 512->512 @7, batch 32, 2026-11-29), though it computes no padded positions,
-// so dense_run keeps the forward. A second loop (cl_weight_grad) gives the expert and attention gradients without
-// writing any per-sample kernel gradient to memory.
+// channels instead: a register tile is kClPositions output positions (any of them: no padded grid) by kClVectors
+// vectors of NB output channels, and the experts are read as rows of NB output channels (ExpertRows), r = channel *
+// taps + tap, or tap * channels + channel for channels_last forward experts, packed 128 rows at a time (float32)
+// into a buffer that stays in cache, so that mixing a sample's rows is one flat weighted sum of K contiguous runs.
+// The packing is a transposition that the batch shares, so this loop pays from a few samples on (channels_loop_pays
+// below). The input is copied once, zero-padded, to channels-innermost planes. This loop (cl_run) is dense_forward's
+// "channels" loop and gives the input gradient, the experts read transposed with flipped taps (the input gradient of
+// a stride-1 convolution is a convolution of the output gradient). A second loop (cl_weight_grad) gives the expert
+// and attention gradients without writing any per-sample kernel gradient to memory.
 
 constexpr int kClPositions = 7;  // output positions per register tile of cl_run (7², 14², 28², 56²: whole tiles)
 constexpr int kClRows = 6;       // kernel rows per register tile of the weight gradient
