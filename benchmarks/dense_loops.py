@@ -83,8 +83,8 @@ def main(argv=None) -> int:
                     repeats, settle = (40, 2) if batch == 1 else (max(5, 64 // batch), 0)
                     med = interleaved_medians(fns, repeats, settle=settle)
                     ratios = ", ".join(f"{loop} {med[loop] / med['static']:.2f}x" for loop in LOOPS)
-                    print(f"{shape.name}, {format_name}, batch {batch}: static {med['static'] * 1e3:.2f} ms; "
-                          f"{ratios} (loops differ by {difference:.1e})", flush=True)
+                    print(f"{shape.name}, {format_name}, b{batch}: static {med['static'] * 1e3:.2f} ms; {ratios}; "
+                          f"loops differ {difference:.1e}", flush=True)
     return 0
 
 

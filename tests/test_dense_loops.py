@@ -39,5 +39,5 @@ def test_main_prints_a_line_per_shape_format_and_batch(capsys):
     assert dense_loops.main(["--layers", "3x3 64", "--sizes", "3", "--batch-sizes", "1", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert [line.split(":")[0] for line in lines] == [
-        f"3x3 64->64 @3, {fmt}, batch {b}" for fmt in ("contiguous", "channels_last") for b in (1, 2)]
+        f"3x3 64->64 @3, {fmt}, b{b}" for fmt in ("contiguous", "channels_last") for b in (1, 2)]
     assert all("grid" in line and "channels" in line and "auto" in line for line in lines)
