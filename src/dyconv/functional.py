@@ -345,7 +345,7 @@ UNFOLD_EXPERTS_MAX_POSITIONS = 4
 # step at half those sizes; 2026-11-30, with dense_forward's channels loop): at 3x3 and 4x4 outputs it was the fastest
 # in all twelve cells (3x3 inference 2.32x / 3.02x / 3.31x against the rules' choice 2.77x / 7.95x / 7.59x, training
 # 2.45x / 3.20x / 4.10x against 2.64x / 5.89x / 6.18x); at 2x2 in three of six and within 15 % of the fastest in the
-# others, where the rules' choice took up to 2.6x its time (inference 2.85x / 4.69x / 4.68x against 8.27x / 9.89x /
+# others, where the rules' choice took up to 2.9x its time (inference 2.85x / 4.69x / 4.68x against 8.27x / 9.89x /
 # 7.52x, training 2.55x / 3.56x / 3.84x against 4.57x / 4.32x / 3.64x).
 DENSE_OVER_TINY_MIN_POSITIONS = 4
 # On other devices (CUDA), where a layer's cost at these sizes is mostly its launches: "experts" (one dense
