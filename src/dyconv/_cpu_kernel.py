@@ -16,7 +16,8 @@
   layer's checks and its whole batch-1 route in one call from Python.
 * The ``"dense_kernel"`` strategy: ungrouped stride-1 layers with zero padding.
   ``torch.ops.dyconv_cpu.dense_forward`` mixes each sample's kernel inside the convolution's own tiles (a few
-  output channels and a few hundred kernel elements at a time, into a buffer that stays in L1), so the per-sample
+  output channels and a few hundred kernel elements at a time, into a buffer that stays in cache; two loops, vectors
+  of output positions at small batches and vectors of output channels from a few samples on), so the per-sample
   kernels are never written to memory: at batch 32 the other strategies write and read back ``batch × kernel
   size`` per layer, 302 MB for a 3×3 512->512 layer. ``dense_backward`` does the same for the gradients: the input
   gradient is the same kind of loop over the output gradient with the experts transposed and their taps flipped,

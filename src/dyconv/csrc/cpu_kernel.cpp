@@ -1047,8 +1047,8 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
 // sample's kernel rows in the experts' own (output channel, kernel element) order. Here the vectors run over output
 // channels instead: a register tile is kClPositions output positions (any of them: no padded grid) by kClVectors
 // vectors of NB output channels, and the experts are read as rows of NB output channels (ExpertRows), r = channel *
-// taps + tap, or tap * channels + channel for channels_last forward experts, packed 128 rows at a time (float32)
-// into a buffer that stays in cache, so that mixing a sample's rows is one flat weighted sum of K contiguous runs.
+// taps + tap, or tap * channels + channel for channels_last forward experts, packed 128 rows at a time into a
+// buffer that stays in cache, so that mixing a sample's rows is one flat weighted sum of K contiguous runs.
 // The packing is a transposition that the batch shares, so this loop pays from a few samples on (channels_loop_pays
 // below). The input is copied once, zero-padded, to channels-innermost planes. This loop (cl_run) is dense_forward's
 // "channels" loop and gives the input gradient, the experts read transposed with flipped taps (the input gradient of
@@ -1100,8 +1100,8 @@ at::Tensor cl_padded(const at::Tensor& x, const ClGeometry& g) {
 // block of NB of the N channels, kernel rows r = m * taps + t of NB values each (zeros past the last channel), or,
 // with `memory_order` for forward experts stored tap-major (channels_last), r = t * M + m (taps_first), so that each
 // channel's rows lie in order in memory either way. Forward: N = C_out, M = C_in. Transposed (the input gradient's
-// kernel): N = C_in, M = C_out, taps flipped. Rows are packed a few dozen at a time, just before use, into small
-// buffers that stay in cache.
+// kernel): N = C_in, M = C_out, taps flipped. Rows are packed a step at a time (cl_run: 128 rows; the weight
+// gradient: 96), just before use, into buffers that stay in cache.
 template <typename T>
 struct ExpertRows {
   const T* src;
