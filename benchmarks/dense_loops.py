@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from dyconv import _cpu_kernel
-from dyconv.benchmark import FORMATS, LAYER_SHAPES, LayerShape, interleaved_medians
+from dyconv.benchmark import FORMATS, LayerShape, dense_layer_shapes, interleaved_medians
 
 LOOPS = ("grid", "channels", "auto")
 EXPERTS = 4
@@ -63,8 +63,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not _cpu_kernel.available():
         raise SystemExit(f"the compiled CPU kernel is not available: {_cpu_kernel.unavailable_reason()}")
-    shapes = [s for s in LAYER_SHAPES if any(part in s.name for part in args.layers) and s.groups == 1
-              and s.stride == 1 and s.kernel_size > 1]
+    shapes = dense_layer_shapes(args.layers)
     if not shapes:
         parser.error(f"--layers matches no ungrouped stride-1 3x3 layer shape of the bench. Received: {args.layers}")
     if args.sizes:

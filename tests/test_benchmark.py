@@ -156,3 +156,11 @@ def test_page_faults_counted_per_call_and_allocator_environment_recorded(monkeyp
     assert meta["allocator_environment"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
     assert all(rows[0][f"{figure}_page_faults"] >= 0 for figure in bench.FIGURES)
     assert "tiny 1x1" in bench.format_page_faults(rows)
+
+
+def test_dense_layer_shapes_are_the_ungrouped_stride_1_kxk_ones():
+    from dyconv.benchmark import dense_layer_shapes
+
+    assert [s.name for s in dense_layer_shapes(["3x3"])] == ["3x3 64->64 @56", "3x3 256->256 @14", "3x3 512->512 @7"]
+    assert [s.name for s in dense_layer_shapes(["512", "dw3x3 576"])] == ["3x3 512->512 @7"]
+    assert dense_layer_shapes(["dw3x3", "1x1"]) == []

@@ -92,6 +92,13 @@ LAYER_SHAPES = (
 NETWORKS = ("resnet18", "mobilenet_v2")
 
 
+def dense_layer_shapes(parts: Sequence[str]) -> list[LayerShape]:
+    """The layer shapes whose names contain one of ``parts`` among those the compiled dense kernel computes
+    (ungrouped, stride 1, kernels larger than 1×1)."""
+    return [s for s in LAYER_SHAPES if any(part in s.name for part in parts) and s.groups == 1 and s.stride == 1
+            and s.kernel_size > 1]
+
+
 class NaiveDynamicConv2d(nn.Module):
     """The dynamic convolution of most public code: one ``mm`` mixes the kernels, batch folded into groups.
 
