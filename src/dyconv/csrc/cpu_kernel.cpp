@@ -197,7 +197,8 @@ inline int64_t for_each_channel_block(int64_t C, F&& f) {
 // w[tap0_i + kw][c] * row_i[q][c], for the P positions p of one row of a channels-innermost tensor (w (taps, C)).
 // The forward (rows: the input rows an output row reads; column: the input column an output position reads through
 // kw) and the input gradient (rows: the output-gradient rows an input row receives from; column: the output column
-// that reaches an input position through kw) share it. Each position's blocks of up to four vectors of channels are
+// that reaches an input position through kw) share it. Position by position (all of a position's channels before the
+// next position's, so that the rows are read in memory order), each block of up to four vectors of channels is
 // summed over every tap in registers, then stored once; channels past the last whole vector one at a time.
 template <typename T, typename Column>
 inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* out, int64_t P,
@@ -206,9 +207,9 @@ inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, cons
   typedef typename Vec<T>::unaligned U;
   constexpr int L = Vec<T>::lanes;
   const int64_t C = g.channels;
-  const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
-    constexpr int NV = decltype(nv)::value;
-    for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
+      constexpr int NV = decltype(nv)::value;
       V acc[NV];
       for (int v = 0; v < NV; ++v) acc[v] = bias != nullptr ? *reinterpret_cast<const U*>(bias + c0 + v * L) : V{};
       for (int64_t i = 0; i < rows.count; ++i) {
@@ -225,10 +226,8 @@ inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, cons
       }
       T* op = out + p * C + c0;
       for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(op + v * L) = acc[v];
-    }
-  });
-  if (tail == C) return;
-  for (int64_t p = 0; p < P; ++p) {
+    });
+    if (tail == C) continue;
     T* op = out + p * C;
     for (int64_t c = tail; c < C; ++c) op[c] = bias != nullptr ? bias[c] : T(0);
     for (int64_t i = 0; i < rows.count; ++i) {
