@@ -107,13 +107,13 @@ def test_expert_counts(rank, num_experts):
 def test_float32_every_tile_and_chunk(size, layout, loop):
     """float32 against the float64 reference where every boundary is reached: 100 x 9 kernel elements per output
     channel, 70 output channels, at batch 3 and at batch 1. "grid": more than one buffer of mixed weights (8 KB holds
-    336 per channel for six channels, steps of 336, 336 and 228 in the experts' order; with channels_last experts at
-    batch > 1 steps of every tap of 32 input channels, three full ones and one of 4), eleven full blocks of six output
-    channels and a partial one, and positions (with the padded rows' extra columns) that end on each kind of vector
-    tile (16 floats per vector with AVX-512: 167, 61, 33, 22, 16, 8 and 1 positions are 11, 4, 3, 2, 1, 1 and 1
-    vectors). "channels": steps of 128 kernel rows (seven and one of 4; 32 KB of mixed rows for 64 channels), one full
-    block of 64 output channels and a partial one of 6, and tiles of seven positions with each count left over
-    (143, 49, 25, 16, 12, 6 and 1 positions: 3, 0, 4, 2, 5, 6 and 1). The batch-1 route through the layer too."""
+    336 per channel for six channels, steps of 336, 336 and 228 in the experts' memory order; at batch 3 the steps' rows
+    copied once for the batch), eleven full blocks of six output channels and a partial one, and positions (with the
+    padded rows' extra columns) that end on each kind of vector tile (16 floats per vector with AVX-512: 167, 61, 33,
+    22, 16, 8 and 1 positions are 11, 4, 3, 2, 1, 1 and 1 vectors). "channels": steps of 128 kernel rows (seven and one
+    of 4; 32 KB of mixed rows for 64 channels), one full block of 64 output channels and a partial one of 6, and tiles
+    of seven positions with each count left over (143, 49, 25, 16, 12, 6 and 1 positions: 3, 0, 4, 2, 5, 6 and 1). The
+    batch-1 route through the layer too."""
     layer = DynamicConv2d(100, 70, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
     x = torch.randn(3, 100, *size, dtype=torch.float64)
     expected = per_sample_reference(layer, x).float()

@@ -750,60 +750,13 @@ at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::T
 // used at once by every position of that sample; each sample's partial sums for the block wait in a buffer between the
 // KC steps. KC is a whole number of vectors, so that every row of the buffer is mixed in whole vectors. The kernel
 // elements are taken in the experts' own memory order (input channel then tap for contiguous experts, tap then input
-// channel for channels_last ones), so each expert row is read contiguously, except for channels_last experts at batch >
-// 1: there a step of one tap's KC input channels would read KC channel planes of every sample, more than L2 holds for
-// the batch (README, the "dense_kernel" item), so a step takes every tap of KC / taps input channels instead, each
-// expert row read as one run per tap (ChunkOrder). A table gives each kernel element's input offset, in the order the
-// steps take them.
+// channel for channels_last ones), so each expert row is read contiguously; a table gives each kernel element's input
+// offset. (For channels_last experts at batch > 1 a step of one tap's KC input channels reads KC channel planes of
+// every sample, more than L2 holds for a batch: "auto" takes cl_run there, channels_loop_pays.)
 
 constexpr int kTileChannels = 6;  // NR: output channels per register tile
 constexpr int kTileVectors = 4;   // MV: vectors of positions per register tile
 constexpr int64_t kMixedBytes = 8192;  // the mixed-kernel buffer of a block (NR x KC elements)
-
-// The steps over an expert row of dense_run: step i covers elements [start[i], start[i + 1]) of the order in which the
-// steps take the row's kernel elements, and reads them as the runs [run_start[i], run_start[i + 1]) of (source,
-// length): each run a contiguous stretch of the row in memory, the step's runs one after the other in that order.
-struct ChunkOrder {
-  std::vector<int64_t> start, run_start, run_source, run_length;
-  int64_t steps() const { return static_cast<int64_t>(start.size()) - 1; }
-  int64_t widest() const {
-    int64_t w = 0;
-    for (int64_t i = 0; i < steps(); ++i) w = std::max(w, start[i + 1] - start[i]);
-    return w;
-  }
-};
-
-// Steps of at most `width` elements over a row of `channels * taps` kernel elements stored tap-major (`taps_first`)
-// or channel-major: in memory order, one run a step, or, with `by_channels` (tap-major rows only), every tap of a block
-// of channels a step, one run per tap. `lanes` rounds the channel blocks down to whole vectors where they hold one.
-ChunkOrder chunk_order(int64_t channels, int64_t taps, bool taps_first, bool by_channels, int64_t width,
-                       int64_t lanes) {
-  ChunkOrder o;
-  const int64_t row = channels * taps;
-  o.start.push_back(0);
-  o.run_start.push_back(0);
-  if (!(taps_first && by_channels && taps > 1)) {
-    for (int64_t k0 = 0; k0 < row; k0 += width) {
-      o.run_source.push_back(k0);
-      o.run_length.push_back(std::min(width, row - k0));
-      o.start.push_back(k0 + o.run_length.back());
-      o.run_start.push_back(static_cast<int64_t>(o.run_source.size()));
-    }
-    return o;
-  }
-  int64_t block = std::max<int64_t>(1, width / taps);
-  if (block >= lanes) block = block / lanes * lanes;
-  for (int64_t c0 = 0; c0 < channels; c0 += block) {
-    const int64_t cb = std::min(block, channels - c0);
-    for (int64_t t = 0; t < taps; ++t) {
-      o.run_source.push_back(t * channels + c0);
-      o.run_length.push_back(cb);
-    }
-    o.start.push_back(o.start.back() + taps * cb);
-    o.run_start.push_back(static_cast<int64_t>(o.run_source.size()));
-  }
-  return o;
-}
 
 // out[r][j] = (first ? 0 : out[r][j]) + sum_k w[r * ldw + k] * x[off[k] + j], r < NR, j < MVn vectors
 template <typename T, int MVn>
@@ -939,15 +892,7 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
   spatial_strides(y, out_stride);
   const int64_t E = g.experts, Co = g.out_channels;
   const int64_t width = std::max<int64_t>(L, kMixedBytes / kTileChannels / int64_t(sizeof(T)) / L * L);
-  const ChunkOrder order = chunk_order(g.channels, g.taps(), g.taps_first, g.batch > 1, width, L);
-  const int64_t KC = order.widest();
-  // the input offsets in the order the steps take the kernel elements
-  std::vector<int64_t> step_offsets(row);
-  for (int64_t i = 0; i < order.steps(); ++i) {
-    int64_t j = order.start[i];
-    for (int64_t u = order.run_start[i]; u < order.run_start[i + 1]; ++u)
-      for (int64_t n = 0; n < order.run_length[u]; ++n) step_offsets[j++] = offsets[order.run_source[u] + n];
-  }
+  const int64_t KC = std::min(width, row);
   const int64_t blocks = (Co + kTileChannels - 1) / kTileChannels;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> mixed(kTileChannels * KC);
@@ -963,10 +908,10 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
     std::vector<T> acc(g.batch * kTileChannels * padded_positions);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t oc0 = blk * kTileChannels, nr = std::min<int64_t>(kTileChannels, Co - oc0);
-      for (int64_t step = 0; step < order.steps(); ++step) {
-        const int64_t k0 = order.start[step], kc = order.start[step + 1] - k0;
-        const int64_t* off = step_offsets.data() + k0;
-        const bool first = step == 0;
+      for (int64_t k0 = 0; k0 < row; k0 += KC) {
+        const int64_t kc = std::min(KC, row - k0);
+        const int64_t* off = offsets.data() + k0;
+        const bool first = k0 == 0;
         if (pack) {
           for (int64_t e = 0; e < E; ++e)
             for (int64_t r = 0; r < kTileChannels; ++r) {
@@ -975,11 +920,7 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
                 std::fill(dst, dst + KC, T(0));
                 continue;
               }
-              for (int64_t u = order.run_start[step]; u < order.run_start[step + 1]; ++u) {
-                std::memcpy(dst, experts + (e * Co + oc0 + r) * row + order.run_source[u],
-                            order.run_length[u] * sizeof(T));
-                dst += order.run_length[u];
-              }
+              std::memcpy(dst, experts + (e * Co + oc0 + r) * row + k0, kc * sizeof(T));
             }
         }
         for (int64_t b = 0; b < g.batch; ++b) {
@@ -993,11 +934,8 @@ void dense_run(const DenseGeometry& g, const at::Tensor& x, const T* experts, co
                 std::fill(m, m + kc, T(0));
                 continue;
               }
-              for (int64_t u = order.run_start[step]; u < order.run_start[step + 1]; ++u) {
-                for (int64_t e = 0; e < E; ++e) rows[e] = experts + (e * Co + oc0 + r) * row + order.run_source[u];
-                mix_row<T>(m, rows.data(), a, E, order.run_length[u]);
-                m += order.run_length[u];
-              }
+              for (int64_t e = 0; e < E; ++e) rows[e] = experts + (e * Co + oc0 + r) * row + k0;
+              mix_row<T>(m, rows.data(), a, E, kc);
             }
           }
           const T* xb = xp + b * sample;
