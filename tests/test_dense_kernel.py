@@ -101,7 +101,7 @@ def test_expert_counts(rank, num_experts):
 
 
 @needs_kernel
-@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (3, 4), (2, 3), (1, 1)])
+@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (3, 4), (3, 3), (2, 3), (1, 3), (2, 1), (1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("loop", LOOPS)
 def test_float32_every_tile_and_chunk(size, layout, loop):
@@ -111,9 +111,10 @@ def test_float32_every_tile_and_chunk(size, layout, loop):
     copied once for the batch), eleven full blocks of six output channels and a partial one, and positions (with the
     padded rows' extra columns) that end on each kind of vector tile (16 floats per vector with AVX-512: 167, 61, 33,
     22, 16, 8 and 1 positions are 11, 4, 3, 2, 1, 1 and 1 vectors). "channels": steps of 128 kernel rows (seven and one
-    of 4; 32 KB of mixed rows for 64 channels), one full block of 64 output channels and a partial one of 6, and tiles
-    of seven positions with each count left over (143, 49, 25, 16, 12, 6 and 1 positions: 3, 0, 4, 2, 5, 6 and 1). The
-    batch-1 route through the layer too."""
+    of 4; 32 KB of mixed rows for 64 channels), one full block of 64 output channels and a partial one of 6 (one
+    vector), and tiles of every size from one to seven positions (a sample's positions in tiles of at most seven, as
+    even as they go: 143, 49, 25, 16, 12, 9, 6, 3, 2 and 1 positions in tiles of 7 and 6, 7, 7 and 6, 6 and 5, 6, 5 and
+    4, 6, 3, 2 and 1). The batch-1 route through the layer too."""
     layer = DynamicConv2d(100, 70, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
     x = torch.randn(3, 100, *size, dtype=torch.float64)
     expected = per_sample_reference(layer, x).float()
@@ -128,14 +129,14 @@ def test_float32_every_tile_and_chunk(size, layout, loop):
 
 
 @needs_kernel
-@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (3, 4), (3, 3), (2, 3), (2, 1), (1, 1)])
+@pytest.mark.parametrize("size", [(13, 11), (7, 7), (5, 5), (4, 4), (3, 4), (3, 3), (2, 3), (1, 3), (2, 1), (1, 1)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_float32_gradients_every_tile_and_chunk(size, layout):
     """Backward in float32 against the float64 reference's gradients where every boundary of its loops is reached:
-    70 channels in and out (with AVX-512 one full block of 64 channels and a partial one, in both directions), 630
-    kernel rows per output channel (six full tasks of 96 and a partial one, groups of 12, tiles of 6), and positions
-    that end on each size of the input gradient's position tile (143, 49, 25, 16, 12, 9, 6, 2 and 1 positions: 3, 0,
-    4, 2, 5, 2, 6, 2 and 1 left over after tiles of 7)."""
+    70 channels in and out (with AVX-512 one full block of 64 channels and a partial one of one vector, in both
+    directions), 630 kernel rows per output channel (six full tasks of 96 and a partial one, groups of 12, tiles of
+    6), and positions that make the input gradient's position tiles take every size from one to seven (as in
+    test_float32_every_tile_and_chunk)."""
     layer = DynamicConv2d(70, 70, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
     x = torch.randn(3, 70, *size, dtype=torch.float64, requires_grad=True)
     expected_out = run(layer, x, "loop")
@@ -151,6 +152,36 @@ def test_float32_gradients_every_tile_and_chunk(size, layout):
     for g, e in zip(got, expected):
         scale = e.abs().max().item()
         torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", [84, 104, 124, 150])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_float32_partial_blocks_and_sample_groups(channels, threads):
+    """The channels loop and the weight gradient where a block's last vectors hold no channels, forward and backward
+    in float32 against the float64 reference, at batch 5: with AVX-512 (blocks of four vectors of 16 floats) 84, 104,
+    124 and 150 channels in and out end on a block of 2, 3, 4 and 2 vectors; 150 channels are three blocks, which the
+    forward splits into groups of samples (2 and 3 samples) so that two threads get equal shares."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer = DynamicConv2d(channels, channels, 3, padding=1, num_experts=4, temperature=3.0, dtype=torch.float64)
+        x = torch.randn(5, channels, 4, 5, dtype=torch.float64, requires_grad=True)
+        expected_out = run(layer, x, "loop")
+        grad_out = torch.randn_like(expected_out)
+        expected = torch.autograd.grad(expected_out, [x, layer.weight, layer.bias], grad_out)
+        layer32, x32 = layer.float(), x.detach().float().requires_grad_()
+        with torch.no_grad():
+            torch.testing.assert_close(dense_forward(layer32, x32, "channels"), expected_out.float(),
+                                       **TOL[torch.float32])
+        out = run(layer32, x32, "dense_kernel")
+        torch.testing.assert_close(out, expected_out.float(), **TOL[torch.float32])
+        got = torch.autograd.grad(out, [x32, layer32.weight, layer32.bias], grad_out.float())
+        for g, e in zip(got, expected):
+            scale = e.abs().max().item()
+            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @needs_kernel

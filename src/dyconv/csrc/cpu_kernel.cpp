@@ -1003,9 +1003,11 @@ constexpr int64_t cl_block() {
   return kClVectors * Vec<T>::lanes;
 }
 
-// x copied zero-padded to (B, plane * C) channels-innermost memory
+// x copied zero-padded to (B, plane * C) channels-innermost memory; x itself where it lies so already (unpadded
+// channels_last input: 1x1 layers)
 template <typename T>
 at::Tensor cl_padded(const at::Tensor& x, const ClGeometry& g) {
+  if (g.padding[0] == 0 && g.padding[1] == 0 && g.padding[2] == 0 && channels_innermost(x)) return x;
   const int64_t C = g.channels, plane = g.plane();
   auto out = at::zeros({g.batch, plane * C}, x.options());
   T* dst = out.template data_ptr<T>();
@@ -1111,51 +1113,84 @@ struct ExpertRows {
   }
 };
 
-// out[r][:] = (first ? 0 : out[r][:]) + sum_k m[k][:] * x[r][off[k]], r < MR: MR positions by one block of NB
-template <typename T, int MR>
+// out[r][:] = (first ? 0 : out[r][:]) + sum_k m[k][:] * x[r][off[k]], r < MR: MR positions by the first NV
+// vectors of one block of NB (all kClVectors but in a block's last, partial block)
+template <typename T, int MR, int NV>
 inline void cl_tile(const T* m, const T* const* x, const int64_t* off, int64_t kc, T* out, bool first) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::unaligned U;
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t NB = cl_block<T>();
-  V acc[MR][kClVectors];
+  V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < kClVectors; ++j) acc[r][j] = first ? V{} : *reinterpret_cast<const U*>(out + r * NB + j * L);
+    for (int j = 0; j < NV; ++j) acc[r][j] = first ? V{} : *reinterpret_cast<const U*>(out + r * NB + j * L);
   for (int64_t k = 0; k < kc; ++k) {
-    V w[kClVectors];
-    for (int j = 0; j < kClVectors; ++j) w[j] = *reinterpret_cast<const U*>(m + k * NB + j * L);
+    V w[NV];
+    for (int j = 0; j < NV; ++j) w[j] = *reinterpret_cast<const U*>(m + k * NB + j * L);
     const int64_t o = off[k];
     for (int r = 0; r < MR; ++r) {
       const T s = x[r][o];
-      for (int j = 0; j < kClVectors; ++j) acc[r][j] += s * w[j];
+      for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < kClVectors; ++j) *reinterpret_cast<U*>(out + r * NB + j * L) = acc[r][j];
+    for (int j = 0; j < NV; ++j) *reinterpret_cast<U*>(out + r * NB + j * L) = acc[r][j];
 }
 
-template <typename T>
+// out = (first ? 0 : out) + the P positions' products, in register tiles of at most kClPositions positions, as even as
+// the count allows (16 positions: 6 + 5 + 5 rather than 7 + 7 + 2, whose last tile would load the block's kernel rows
+// for only two positions)
+template <typename T, int NV>
 inline void cl_tiles(const T* m, const T* xb, const int64_t* pos, int64_t P, const int64_t* off, int64_t kc, T* out,
                      bool first) {
   constexpr int64_t NB = cl_block<T>();
   const T* rows[kClPositions];
+  const int64_t tiles = (P + kClPositions - 1) / kClPositions, larger = P % std::max<int64_t>(tiles, 1);
   int64_t p = 0;
-  for (; p + kClPositions <= P; p += kClPositions) {
-    for (int r = 0; r < kClPositions; ++r) rows[r] = xb + pos[p + r];
-    cl_tile<T, kClPositions>(m, rows, off, kc, out + p * NB, first);
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t n = P / tiles + (i < larger ? 1 : 0);
+    for (int r = 0; r < n; ++r) rows[r] = xb + pos[p + r];
+    static_assert(kClPositions == 7, "the cases below cover every tile size");
+    switch (n) {
+      case 7: cl_tile<T, 7, NV>(m, rows, off, kc, out + p * NB, first); break;
+      case 6: cl_tile<T, 6, NV>(m, rows, off, kc, out + p * NB, first); break;
+      case 5: cl_tile<T, 5, NV>(m, rows, off, kc, out + p * NB, first); break;
+      case 4: cl_tile<T, 4, NV>(m, rows, off, kc, out + p * NB, first); break;
+      case 3: cl_tile<T, 3, NV>(m, rows, off, kc, out + p * NB, first); break;
+      case 2: cl_tile<T, 2, NV>(m, rows, off, kc, out + p * NB, first); break;
+      case 1: cl_tile<T, 1, NV>(m, rows, off, kc, out + p * NB, first); break;
+      default: break;
+    }
+    p += n;
   }
-  const int64_t left = P - p;
-  for (int r = 0; r < left; ++r) rows[r] = xb + pos[p + r];
-  static_assert(kClPositions == 7, "the cases below cover the tiles left over");
-  switch (left) {
-    case 6: cl_tile<T, 6>(m, rows, off, kc, out + p * NB, first); break;
-    case 5: cl_tile<T, 5>(m, rows, off, kc, out + p * NB, first); break;
-    case 4: cl_tile<T, 4>(m, rows, off, kc, out + p * NB, first); break;
-    case 3: cl_tile<T, 3>(m, rows, off, kc, out + p * NB, first); break;
-    case 2: cl_tile<T, 2>(m, rows, off, kc, out + p * NB, first); break;
-    case 1: cl_tile<T, 1>(m, rows, off, kc, out + p * NB, first); break;
-    default: break;
+}
+
+// cl_tiles for the vectors of the block that hold channels: nv of them (1 to kClVectors)
+template <typename T>
+inline void cl_tiles(int nv, const T* m, const T* xb, const int64_t* pos, int64_t P, const int64_t* off, int64_t kc,
+                     T* out, bool first) {
+  static_assert(kClVectors == 4, "the cases below cover every count of vectors");
+  switch (nv) {
+    case 4: cl_tiles<T, 4>(m, xb, pos, P, off, kc, out, first); break;
+    case 3: cl_tiles<T, 3>(m, xb, pos, P, off, kc, out, first); break;
+    case 2: cl_tiles<T, 2>(m, xb, pos, P, off, kc, out, first); break;
+    default: cl_tiles<T, 1>(m, xb, pos, P, off, kc, out, first); break;
   }
+}
+
+// How many groups of samples cl_run splits the batch into, each block of output channels a task per group: enough
+// that every thread gets a task, and more where the tasks would not divide evenly among the threads (3 blocks on 2
+// threads: 6 tasks rather than 3, of which one thread would take two), as long as the threads' shares differ by at
+// most an eighth. Each group packs the experts once more, about what mixing one more sample costs.
+inline int64_t sample_groups(int64_t batch, int64_t blocks) {
+  const int64_t threads = at::get_num_threads();
+  int64_t groups = std::min<int64_t>(batch, (threads + blocks - 1) / blocks);
+  auto uneven = [&](int64_t n) {
+    const int64_t tasks = blocks * n, most = (tasks + threads - 1) / threads;
+    return 8 * (most * threads - tasks) > tasks;
+  };
+  while (groups < batch && uneven(groups)) ++groups;
+  return groups;
 }
 
 // y = the dynamic convolution of the padded input xp (cl_padded) with the experts and attention (B, K); bias (K, N)
@@ -1164,13 +1199,14 @@ template <typename T>
 void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, const T* attention, const T* bias,
             const at::Tensor& y) {
   constexpr int64_t NB = cl_block<T>();
+  constexpr int L = Vec<T>::lanes;
   const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
   const int64_t sample = g.plane() * g.channels;
   const auto pos = g.position_offsets();
   const auto off = g.row_offsets(experts.taps_first);
   const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(R, kClMixedBytes / (NB * int64_t(sizeof(T)))));
-  // blocks of output channels, and where there are fewer blocks than threads, groups of samples too
-  const int64_t groups = std::min<int64_t>(g.batch, (at::get_num_threads() + blocks - 1) / blocks);
+  // blocks of output channels, and groups of samples too where the blocks alone would leave threads idle
+  const int64_t groups = sample_groups(g.batch, blocks);
   T* ys = y.template data_ptr<T>();
   int64_t ysp[3];
   spatial_strides(y, ysp);
@@ -1189,6 +1225,7 @@ void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, cons
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / groups, grp = task % groups;
       const int64_t b0 = g.batch * grp / groups, b1 = g.batch * (grp + 1) / groups;
+      const int nv = static_cast<int>((std::min(NB, N - blk * NB) + L - 1) / L);  // vectors holding channels
       acc.resize((b1 - b0) * P * NB);
       for (int64_t k0 = 0; k0 < R; k0 += KC) {
         const int64_t kc = std::min(KC, R - k0);
@@ -1198,7 +1235,7 @@ void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, cons
         }
         for (int64_t b = b0; b < b1; ++b) {
           mix_row<T>(mixed.data(), rows.data(), attention + b * E, E, kc * NB);
-          cl_tiles<T>(mixed.data(), xp + b * sample, pos.data(), P, off.data() + k0, kc,
+          cl_tiles<T>(nv, mixed.data(), xp + b * sample, pos.data(), P, off.data() + k0, kc,
                       acc.data() + (b - b0) * P * NB, k0 == 0);
         }
       }
@@ -1217,6 +1254,61 @@ void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, cons
       }
     }
   });
+}
+
+// One task of cl_weight_grad (kernel rows [r0, r1) of block blk) over every sample, for the first NV vectors of the
+// block (all kClVectors but in a partial last block): the dW tiles folded into the task's expert gradients (grows, its
+// rows from r0) and the attention's gradient parts (ga: (B, E) of this task)
+template <typename T, int NV>
+void grad_task(const ClGeometry& g, const T* xp, const T* gys, int64_t blk, int64_t r0, int64_t r1, const int64_t* pos,
+               const int64_t* off, const T* attention, const T* wrows, T* grows, typename Vec<T>::type* dots, T* ga) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  constexpr int64_t NB = cl_block<T>();
+  const int64_t P = g.positions(), E = g.experts, blocks = g.blocks(NB), sample = g.plane() * g.channels;
+  // sample by sample: its output gradient for the block and its input rows stay in cache for all the task's rows
+  for (int64_t b = 0; b < g.batch; ++b) {
+    const T* xb = xp + b * sample;
+    const T* gb = gys + (b * blocks + blk) * P * NB;
+    const T* a = attention + b * E;
+    std::fill(dots, dots + E, V{});
+    for (int64_t r = r0; r < r1; r += kClRows) {
+      const int64_t rr = std::min<int64_t>(kClRows, r1 - r);
+      int64_t o[kClRows];
+      for (int i = 0; i < kClRows; ++i) o[i] = off[r + std::min<int64_t>(i, rr - 1)];
+      V acc[kClRows][NV];
+      for (int i = 0; i < kClRows; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+      for (int64_t p = 0; p < P; ++p) {
+        V w[NV];
+        for (int j = 0; j < NV; ++j) w[j] = *reinterpret_cast<const U*>(gb + p * NB + j * L);
+        const T* xr = xb + pos[p];
+        for (int i = 0; i < kClRows; ++i) {
+          const T s = xr[o[i]];
+          for (int j = 0; j < NV; ++j) acc[i][j] += s * w[j];
+        }
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        const T ae = a[e];
+        T* ge = grows + (e * kClGradRows + r - r0) * NB;
+        const T* we = wrows + (e * kClGradRows + r - r0) * NB;
+        V dot = dots[e];
+        for (int64_t i = 0; i < rr; ++i)
+          for (int j = 0; j < NV; ++j) {
+            U* gv = reinterpret_cast<U*>(ge + i * NB + j * L);
+            *gv += ae * acc[i][j];
+            dot += acc[i][j] * *reinterpret_cast<const U*>(we + i * NB + j * L);
+          }
+        dots[e] = dot;
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      T sum = 0;
+      for (int l = 0; l < L; ++l) sum += dots[e][l];
+      ga[b * E + e] = sum;
+    }
+  }
 }
 
 // The expert and attention gradients of cl_run's convolution (bias excluded), never writing a per-sample kernel
@@ -1267,49 +1359,18 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
     std::vector<T> wrows(E * kClGradRows * NB), grows(E * kClGradRows * NB);  // the task's rows: experts, gradients
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / chunks, r0 = (task % chunks) * kClGradRows, r1 = std::min(R, r0 + kClGradRows);
+      const int nv = static_cast<int>((std::min(NB, N - blk * NB) + L - 1) / L);  // vectors holding channels
       std::fill(grows.begin(), grows.end(), T(0));
       for (int64_t e = 0; e < E; ++e) experts.pack(blk, e, r0, r1 - r0, wrows.data() + e * kClGradRows * NB);
-      // sample by sample: its output gradient for the block and its input rows stay in cache for all the task's rows
-      for (int64_t b = 0; b < g.batch; ++b) {
-        const T* xb = xp + b * sample;
-        const T* gb = gys + (b * blocks + blk) * P * NB;
-        const T* a = attention + b * E;
-        std::fill(dots.begin(), dots.end(), V{});
-        for (int64_t r = r0; r < r1; r += kClRows) {
-          const int64_t rr = std::min<int64_t>(kClRows, r1 - r);
-          int64_t o[kClRows];
-          for (int i = 0; i < kClRows; ++i) o[i] = off[r + std::min<int64_t>(i, rr - 1)];
-          V acc[kClRows][kClVectors];
-          for (int i = 0; i < kClRows; ++i)
-            for (int j = 0; j < kClVectors; ++j) acc[i][j] = V{};
-          for (int64_t p = 0; p < P; ++p) {
-            V w[kClVectors];
-            for (int j = 0; j < kClVectors; ++j) w[j] = *reinterpret_cast<const U*>(gb + p * NB + j * L);
-            const T* xr = xb + pos[p];
-            for (int i = 0; i < kClRows; ++i) {
-              const T s = xr[o[i]];
-              for (int j = 0; j < kClVectors; ++j) acc[i][j] += s * w[j];
-            }
-          }
-          for (int64_t e = 0; e < E; ++e) {
-            const T ae = a[e];
-            T* ge = grows.data() + (e * kClGradRows + r - r0) * NB;
-            const T* we = wrows.data() + (e * kClGradRows + r - r0) * NB;
-            V dot = dots[e];
-            for (int64_t i = 0; i < rr; ++i)
-              for (int j = 0; j < kClVectors; ++j) {
-                U* gv = reinterpret_cast<U*>(ge + i * NB + j * L);
-                *gv += ae * acc[i][j];
-                dot += acc[i][j] * *reinterpret_cast<const U*>(we + i * NB + j * L);
-              }
-            dots[e] = dot;
-          }
-        }
-        for (int64_t e = 0; e < E; ++e) {
-          T sum = 0;
-          for (int l = 0; l < L; ++l) sum += dots[e][l];
-          ga[(task * g.batch + b) * E + e] = sum;
-        }
+      const int64_t *po = pos.data(), *of = off.data();
+      const T* w = wrows.data();
+      T *gr = grows.data(), *gat = ga + task * g.batch * E;
+      V* d = dots.data();
+      switch (nv) {
+        case 4: grad_task<T, 4>(g, xp, gys, blk, r0, r1, po, of, attention, w, gr, d, gat); break;
+        case 3: grad_task<T, 3>(g, xp, gys, blk, r0, r1, po, of, attention, w, gr, d, gat); break;
+        case 2: grad_task<T, 2>(g, xp, gys, blk, r0, r1, po, of, attention, w, gr, d, gat); break;
+        default: grad_task<T, 1>(g, xp, gys, blk, r0, r1, po, of, attention, w, gr, d, gat);
       }
       const int64_t n0 = blk * NB, nn = std::min(NB, N - n0);
       for (int64_t e = 0; e < E; ++e)
