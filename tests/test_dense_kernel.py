@@ -202,7 +202,8 @@ def test_layers_pick_it(rank):
     with torch.no_grad():
         assert select_strategy(x, layer.weight, *args) == "dense_kernel"
         assert select_strategy(x.float(), layer.weight.float(), *args) == "dense_kernel"
-        # not for 1x1 kernels, strided or grouped layers, one expert, larger outputs, float16, autocast, meta
+        # not for 1x1 kernels at this batch size (test_layers_pick_it_for_small_1x1_outputs), strided or grouped
+        # layers, one expert, larger outputs, float16, autocast, meta
         one = torch.zeros(3, 7, 5, *[1] * rank, dtype=torch.float64)
         assert select_strategy(x, one, [0] * rank, 1, layer.stride, layer.dilation) != "dense_kernel"
         assert select_strategy(x, layer.weight, [1] * rank, 1, [2] * rank, layer.dilation) != "dense_kernel"
@@ -221,6 +222,31 @@ def test_layers_pick_it(rank):
         assert select_strategy(last[:1], layer.weight, *args) == "dense_kernel"
         # and through the layer: the reference's values
         torch.testing.assert_close(layer.eval()(x), per_sample_reference(layer, x), **TOL[torch.float64])
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("grad", [False, True])
+def test_layers_pick_it_for_small_1x1_outputs(rank, grad):
+    """1x1 kernels: from batch DENSE_1X1_MIN_BATCH on, at most DENSE_1X1_MAX_POSITIONS output positions, with or
+    without gradients (MobileNetV2's 1x1 layers at 7x7 and 4x4 outputs in training); the reference's values there."""
+    assert 4 <= _cpu_kernel.DENSE_1X1_MIN_BATCH <= 32 and 16 <= _cpu_kernel.DENSE_1X1_MAX_POSITIONS < 196
+    batch, most = _cpu_kernel.DENSE_1X1_MIN_BATCH, _cpu_kernel.DENSE_1X1_MAX_POSITIONS
+    layer = LAYER[rank](6, 10, 1, num_experts=4, dtype=torch.float64)
+    sizes = {1: [(most,), (most + 1,)], 2: [(1, most), (most + 1, 1)], 3: [(1, 1, most), (1, most + 1, 1)]}[rank]
+    args = ([0] * rank, 1, layer.stride, layer.dilation)
+    with torch.set_grad_enabled(grad):
+        fits, larger = (torch.randn(batch, 6, *size, dtype=torch.float64, requires_grad=grad) for size in sizes)
+        assert select_strategy(fits, layer.weight, *args) == "dense_kernel"
+        assert select_strategy(fits[:batch - 1], layer.weight, *args) != "dense_kernel"
+        assert select_strategy(larger, layer.weight, *args) != "dense_kernel"
+        tiny = fits[..., :4]  # 4 positions: ahead of the tiny outputs' rules
+        assert select_strategy(tiny, layer.weight, *args) == "dense_kernel"
+        assert select_strategy(fits[..., :3], layer.weight, *args) != "dense_kernel"
+        out = layer(fits)
+        torch.testing.assert_close(out, per_sample_reference(layer, fits), **TOL[torch.float64])
+    if grad:
+        assert_gradients_match_loop(layer, fits, out)
 
 
 @needs_kernel

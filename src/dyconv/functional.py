@@ -346,7 +346,11 @@ UNFOLD_EXPERTS_MAX_POSITIONS = 4
 # in all twelve cells (3x3 inference 2.32x / 3.02x / 3.31x against the rules' choice 2.77x / 7.95x / 7.59x, training
 # 2.45x / 3.20x / 4.10x against 2.64x / 5.89x / 6.18x); at 2x2 in three of six and within 15 % of the fastest in the
 # others, where the rules' choice took up to 2.9x its time (inference 2.85x / 4.69x / 4.68x against 8.27x / 9.89x /
-# 7.52x, training 2.55x / 3.56x / 3.84x against 4.57x / 4.32x / 3.64x).
+# 7.52x, training 2.55x / 3.56x / 3.84x against 4.57x / 4.32x / 3.64x). For 1x1 kernels (where the dense kernel takes
+# them: batch >= 8, _cpu_kernel.DENSE_1X1_MAX_POSITIONS) it was faster than "experts" and "scaled_inputs" in all 24
+# cells of benchmarks/strategies.py --layers 1x1 --sizes 4 6 8 --train --format channels_last --settle 1 --strategies
+# experts scaled_inputs dense_kernel (2026-11-30; training at 4x4: 96->576 1.88x against 3.63x / 2.92x, 576->96 2.49x
+# against 4.00x / 5.52x).
 DENSE_OVER_TINY_MIN_POSITIONS = 4
 # On other devices (CUDA), where a layer's cost at these sizes is mostly its launches: "experts" (one dense
 # convolution with all K kernels) for ungrouped layers of at most this many output positions, and never
@@ -367,16 +371,20 @@ def _experts_limits(device_type: str) -> List[int]:
 @torch.jit.unused
 def _dense_kernel_suits(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
                         groups: int) -> bool:
-    """Where ``"dense_kernel"`` is the default: more than one expert, a kernel larger than 1×1, at most
-    ``_cpu_kernel.DENSE_MAX_POSITIONS`` output positions per sample; where gradients are needed (the input or the
-    experts require them), only at batch > 1 and with padding that the compiled backward takes
-    (``_cpu_kernel.dense_backward_applies``); and the kernel applies."""
-    if weight.shape[0] == 1 or kernel_is_one(weight):
+    """Where ``"dense_kernel"`` is the default: more than one expert, at most ``_cpu_kernel.DENSE_MAX_POSITIONS``
+    output positions per sample (1×1 kernels: at most ``_cpu_kernel.DENSE_1X1_MAX_POSITIONS``, from batch
+    ``_cpu_kernel.DENSE_1X1_MIN_BATCH`` on); where gradients are needed (the input or the experts require them), only
+    at batch > 1 and with padding that the compiled backward takes (``_cpu_kernel.dense_backward_applies``); and the
+    kernel applies."""
+    if weight.shape[0] == 1:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         if x.shape[0] == 1 or not _cpu_kernel.dense_backward_applies(weight, padding, dilation):
             return False
     positions = output_positions(x, weight, stride, padding, dilation)
+    if kernel_is_one(weight):
+        if x.shape[0] < _cpu_kernel.DENSE_1X1_MIN_BATCH or positions > _cpu_kernel.DENSE_1X1_MAX_POSITIONS:
+            return False
     if positions > _cpu_kernel.DENSE_MAX_POSITIONS:
         return False
     return _cpu_kernel.dense_applies(x, weight, stride, groups)
@@ -394,8 +402,8 @@ def select_strategy(x: Tensor, weight: Tensor, padding: List[int], groups: int,
     ``"scaled_inputs"`` (unpadded stride-1 1×1 kernels with more output than input channels) or ``"experts"``;
     depthwise layers on the CPU with channels_last float32/float64 input, where the compiled kernel could be
     built: ``"depthwise_kernel"``; ungrouped stride-1 layers on the CPU (float32/float64) with more than one
-    expert, kernels larger than 1×1 and small outputs (``_dense_kernel_suits``; with gradients at batch > 1 only):
-    ``"dense_kernel"``;
+    expert and small outputs (``_dense_kernel_suits``; 1×1 kernels at batch >= 8 and smaller outputs; with gradients
+    at batch > 1 only): ``"dense_kernel"``;
     otherwise ``"chunked"``. On other devices than the CPU (and ``meta``) instead:
     ``"experts"`` for ungrouped layers at batch > 1 with at most ``ACCELERATOR_EXPERTS_MAX_POSITIONS`` output
     positions, else ``"chunked"``.
