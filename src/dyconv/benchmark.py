@@ -93,8 +93,8 @@ NETWORKS = ("resnet18", "mobilenet_v2")
 
 
 def dense_layer_shapes(parts: Sequence[str]) -> list[LayerShape]:
-    """The layer shapes whose names contain one of ``parts`` among those the compiled dense kernel computes
-    (ungrouped, stride 1, kernels larger than 1×1)."""
+    """The layer shapes whose names contain one of ``parts`` among the bench's ungrouped stride-1 layers with kernels
+    larger than 1×1 (the shapes the compiled dense kernel takes at every output size up to 196 positions)."""
     return [s for s in LAYER_SHAPES if any(part in s.name for part in parts) and s.groups == 1 and s.stride == 1
             and s.kernel_size > 1]
 

@@ -42,7 +42,8 @@ Strategies (all give the same numbers up to floating-point rounding):
     Ungrouped stride-1 layers on the CPU (float32, float64): a compiled kernel that mixes each sample's kernel
     inside the convolution's tiles, never writing it whole, and a backward that does the same for the input gradient
     and folds each sample's kernel gradient into the experts' tile by tile (see :mod:`dyconv._cpu_kernel`). The
-    default in eager mode for kernels larger than 1×1 with small outputs (with gradients: at batch > 1).
+    default in eager mode for kernels larger than 1×1 with small outputs, and for 1×1 kernels with smaller outputs
+    from batch 8 on (with gradients: at batch > 1).
 
 Only ``"chunked"``, ``"depthwise_kernel"`` and ``"dense_kernel"`` bound training memory; the other strategies leave
 backward to autograd, which keeps every sample's mixed kernel until backward.
