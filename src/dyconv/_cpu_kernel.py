@@ -271,13 +271,13 @@ channels_last --settle 1 --strategies chunked dense_kernel``, and ``--format con
 24->144 / 144->24 / 96->576 / 576->96: channels_last, inference at 8² (64 positions) dense 2.04× / 1.70× / 1.60× /
 2.08× against chunked 2.52× / 2.54× / 3.06× / 3.39×, the training step at 4² 1.63× / 1.91× / 1.96× / 2.54× against
 2.37× / 2.87× / 4.12× / 5.51× and at 7² 1.89× / 2.31× / 1.61× / 1.92× against 1.98× / 2.40× / 2.24× / 2.82×;
-contiguous, the fastest in 3 of 4 at 8² inference (576->96 1.98× against 1.65×), 4 of 4 in training at 4², 2 of 4 at
+contiguous, the faster in 3 of 4 at 8² inference (576->96 1.98× against 1.65×), 4 of 4 in training at 4², 2 of 4 at
 7² (the 24/144-channel layers 2.09× / 2.22× against 1.71× / 1.87×, the others 1.67× / 1.86× against 2.16× / 2.10×).
-At 196 positions it was the fastest in 3 of 8 inference cells (14², both formats: 3 of 4 channels_last, none
+At 196 positions it was the faster in 3 of 8 inference cells (14², both formats: 3 of 4 channels_last, none
 contiguous) and in none of the 8 training cells (14²); at 784 (28² inference) in none.
 In DY-MobileNetV2 (``benchmarks/ab.py --against 6344087 --network mobilenet_v2 --figures train batch --format
-channels_last --rounds 7``, with d33fde0's kernel): the training step -115 ms (faster in 20 of 21 rounds), batch-32
-inference -22 ms (14 of 21)."""
+channels_last --rounds 7``, at 3da0bf2, with d33fde0's kernel changes): the training step -80.2 ms (faster in 18 of
+21 rounds), batch-32 inference -46.8 ms (19 of 21)."""
 
 
 @torch.jit.unused
