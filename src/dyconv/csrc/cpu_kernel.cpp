@@ -1323,11 +1323,9 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
                                                   const ExpertRows<T>& experts, const T* attention,
                                                   at::IntArrayRef sizes) {
   typedef typename Vec<T>::type V;
-  typedef typename Vec<T>::unaligned U;
   constexpr int L = Vec<T>::lanes;
   constexpr int64_t NB = cl_block<T>();
   const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
-  const int64_t sample = g.plane() * g.channels;
   const auto pos = g.position_offsets();
   const auto off = g.row_offsets();
   // the output gradient as (B, blocks, P, NB), zeros past the last channel
