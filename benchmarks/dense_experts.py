@@ -21,8 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dyconv import _cpu_kernel
-from dyconv.benchmark import FORMATS, LayerShape, dense_layer_shapes, interleaved_medians
+from dyconv.benchmark import FORMATS, LayerShape, dense_benchmark_shapes, interleaved_medians
 
 EXPERTS = (1, 2, 4)
 
@@ -60,11 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if not _cpu_kernel.available():
-        raise SystemExit(f"the compiled CPU kernel is not available: {_cpu_kernel.unavailable_reason()}")
-    shapes = dense_layer_shapes(args.layers)
-    if not shapes:
-        parser.error(f"--layers matches no ungrouped stride-1 3x3 layer shape of the bench. Received: {args.layers}")
+    shapes = dense_benchmark_shapes(parser, args.layers)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); dense_forward against static nn.Conv2d, "
           "ratios of interleaved medians (static in ms)")

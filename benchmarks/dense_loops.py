@@ -22,8 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dyconv import _cpu_kernel
-from dyconv.benchmark import FORMATS, LayerShape, dense_layer_shapes, interleaved_medians
+from dyconv.benchmark import FORMATS, LayerShape, dense_benchmark_shapes, interleaved_medians
 
 LOOPS = ("grid", "channels", "auto")
 EXPERTS = 4
@@ -61,11 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if not _cpu_kernel.available():
-        raise SystemExit(f"the compiled CPU kernel is not available: {_cpu_kernel.unavailable_reason()}")
-    shapes = dense_layer_shapes(args.layers)
-    if not shapes:
-        parser.error(f"--layers matches no ungrouped stride-1 3x3 layer shape of the bench. Received: {args.layers}")
+    shapes = dense_benchmark_shapes(parser, args.layers)
     if args.sizes:
         shapes = [dataclasses.replace(s, name=f"{s.name.split(' @')[0]} @{size}", size=size)
                   for s in shapes for size in args.sizes]

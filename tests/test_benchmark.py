@@ -164,3 +164,19 @@ def test_dense_layer_shapes_are_the_ungrouped_stride_1_kxk_ones():
     assert [s.name for s in dense_layer_shapes(["3x3"])] == ["3x3 64->64 @56", "3x3 256->256 @14", "3x3 512->512 @7"]
     assert [s.name for s in dense_layer_shapes(["512", "dw3x3 576"])] == ["3x3 512->512 @7"]
     assert dense_layer_shapes(["dw3x3", "1x1"]) == []
+
+
+def test_dense_benchmark_shapes_exit_where_nothing_can_be_timed(monkeypatch):
+    import argparse
+
+    from dyconv import _cpu_kernel
+    from dyconv.benchmark import dense_benchmark_shapes
+
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(_cpu_kernel, "available", lambda: True)
+    assert [s.name for s in dense_benchmark_shapes(parser, ["512"])] == ["3x3 512->512 @7"]
+    with pytest.raises(SystemExit):
+        dense_benchmark_shapes(parser, ["dw3x3"])  # no dense shape matches
+    monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
+    with pytest.raises(SystemExit, match="not available"):
+        dense_benchmark_shapes(parser, ["512"])

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _cpu_kernel
 from .layers import DynamicConv2d
 
 try:
@@ -97,6 +99,17 @@ def dense_layer_shapes(parts: Sequence[str]) -> list[LayerShape]:
     larger than 1×1 (the shapes the compiled dense kernel takes at every output size up to 196 positions)."""
     return [s for s in LAYER_SHAPES if any(part in s.name for part in parts) and s.groups == 1 and s.stride == 1
             and s.kernel_size > 1]
+
+
+def dense_benchmark_shapes(parser: argparse.ArgumentParser, parts: Sequence[str]) -> list[LayerShape]:
+    """:func:`dense_layer_shapes` for a benchmark of the compiled dense kernel: exits (``SystemExit``) where the kernel
+    is not available, and through ``parser.error`` where no shape matches ``parts``."""
+    if not _cpu_kernel.available():
+        raise SystemExit(f"the compiled CPU kernel is not available: {_cpu_kernel.unavailable_reason()}")
+    shapes = dense_layer_shapes(parts)
+    if not shapes:
+        parser.error(f"--layers matches no ungrouped stride-1 3x3 layer shape of the bench. Received: {list(parts)}")
+    return shapes
 
 
 class NaiveDynamicConv2d(nn.Module):

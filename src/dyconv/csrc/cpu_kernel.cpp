@@ -1003,6 +1003,13 @@ constexpr int64_t cl_block() {
   return kClVectors * Vec<T>::lanes;
 }
 
+// How many of block blk's kClVectors vectors hold some of the N channels (fewer only in a partial last block)
+template <typename T>
+inline int block_vectors(int64_t N, int64_t blk) {
+  constexpr int64_t NB = cl_block<T>(), L = Vec<T>::lanes;
+  return static_cast<int>((std::min(NB, N - blk * NB) + L - 1) / L);
+}
+
 // x copied zero-padded to (B, plane * C) channels-innermost memory; x itself where it lies so already (unpadded
 // channels_last input: 1x1 layers)
 template <typename T>
@@ -1199,7 +1206,6 @@ template <typename T>
 void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, const T* attention, const T* bias,
             const at::Tensor& y) {
   constexpr int64_t NB = cl_block<T>();
-  constexpr int L = Vec<T>::lanes;
   const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
   const int64_t sample = g.plane() * g.channels;
   const auto pos = g.position_offsets();
@@ -1225,7 +1231,7 @@ void cl_run(const ClGeometry& g, const T* xp, const ExpertRows<T>& experts, cons
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / groups, grp = task % groups;
       const int64_t b0 = g.batch * grp / groups, b1 = g.batch * (grp + 1) / groups;
-      const int nv = static_cast<int>((std::min(NB, N - blk * NB) + L - 1) / L);  // vectors holding channels
+      const int nv = block_vectors<T>(N, blk);
       acc.resize((b1 - b0) * P * NB);
       for (int64_t k0 = 0; k0 < R; k0 += KC) {
         const int64_t kc = std::min(KC, R - k0);
@@ -1323,7 +1329,6 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
                                                   const ExpertRows<T>& experts, const T* attention,
                                                   at::IntArrayRef sizes) {
   typedef typename Vec<T>::type V;
-  constexpr int L = Vec<T>::lanes;
   constexpr int64_t NB = cl_block<T>();
   const int64_t R = g.rows(), P = g.positions(), E = g.experts, N = g.out_channels, blocks = g.blocks(NB);
   const auto pos = g.position_offsets();
@@ -1357,7 +1362,7 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
     std::vector<T> wrows(E * kClGradRows * NB), grows(E * kClGradRows * NB);  // the task's rows: experts, gradients
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / chunks, r0 = (task % chunks) * kClGradRows, r1 = std::min(R, r0 + kClGradRows);
-      const int nv = static_cast<int>((std::min(NB, N - blk * NB) + L - 1) / L);  // vectors holding channels
+      const int nv = block_vectors<T>(N, blk);
       std::fill(grows.begin(), grows.end(), T(0));
       for (int64_t e = 0; e < E; ++e) experts.pack(blk, e, r0, r1 - r0, wrows.data() + e * kClGradRows * NB);
       const int64_t *po = pos.data(), *of = off.data();
