@@ -245,6 +245,79 @@ def test_batch1_depthwise_in_one_call(rank, case, bias):
     assert calls == ["dyconv_cpu::one_sample_mix"]
 
 
+def on_threads(threads, fn):
+    """``fn()`` run with ``threads`` intra-op threads (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("padding_mode", "zeros") == "zeros"], ids=str)
+@pytest.mark.parametrize("batch", [2, 3, 5])
+def test_batch_depthwise_inference_in_one_call(rank, case, batch):
+    """Inference without gradients of a depthwise layer on a channels-innermost batch: every sample's attention and
+    the depthwise kernel in one call (``depthwise_inference``), on two threads: batches 2 and 5 sample by sample
+    (the busiest thread at most 5/4 of the mean), batch 3 in two phases (the attention, then the rows); against the
+    float64 reference. With gradients, or on contiguous input, the layer keeps its general path."""
+    layer, x = layer_and_input(rank, case, batch, "channels_last")
+    layer.eval()
+    expected = per_sample_reference(layer, x)
+    out, calls = on_threads(2, lambda: compiled_ops(lambda: layer(x)))
+    assert calls == ["dyconv_cpu::depthwise_inference"]
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    assert out.movedim(1, -1).is_contiguous()  # channels innermost, as the input
+    out.relu_()  # a plain tensor, not a view: in-place activations work
+    out, ops = top_level_ops(lambda: layer(x))  # gradients enabled
+    assert "dyconv_cpu::depthwise_inference" not in ops
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    out, calls = compiled_ops(lambda: layer(x.contiguous()))
+    assert "dyconv_cpu::depthwise_inference" not in calls
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", VECTOR_CHANNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2, padding=1), dict(stride=2, dilation=2, padding=2)],
+                         ids=str)
+def test_batch_depthwise_inference_every_vector_block(channels, dtype, conv):
+    """``depthwise_inference`` for channel counts reaching every block of the kernel's register tiles and the
+    channels past them, and rows holding several runs of positions whose every kernel column reads inside the row,
+    the first not at the row's start, and a rest (stride 1: 9 of 11 and 28 of 30 positions; stride 2: 4 of 6, 14 of
+    15, 13 of 15), in both schedules (batches 3 and 4 on two threads), against the float64 reference."""
+    layer = DynamicConv2d(channels, channels, 3, groups=channels, **conv, num_experts=5, temperature=2.0,
+                          dtype=torch.float64).eval()
+    for spatial, batch in (((9, 11), 3), ((31, 30), 4)):
+        x = channels_innermost(torch.randn(batch, channels, *spatial, dtype=torch.float64) + 0.5)
+        expected = per_sample_reference(layer, x).to(dtype)
+        out, calls = on_threads(2, lambda: compiled_ops(lambda: layer.to(dtype)(x.to(dtype))))
+        assert calls == ["dyconv_cpu::depthwise_inference"]
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+        layer = layer.double()
+
+
+@needs_kernel
+def test_depthwise_inference_checks_its_arguments():
+    x = channels_innermost(torch.randn(2, 6, 5, 5))
+    w1, b1, w2, b2 = torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)
+    experts = torch.randn(3, 6, 1, 3, 3)
+    args = ([1, 1], [1, 1], [1, 1])
+    assert torch.ops.dyconv_cpu.depthwise_inference(x, w1, b1, w2, b2, 1.0, experts, None, *args).shape == x.shape
+    with pytest.raises(RuntimeError, match="channels innermost"):
+        torch.ops.dyconv_cpu.depthwise_inference(x.contiguous(), w1, b1, w2, b2, 1.0, experts, None, *args)
+    with pytest.raises(RuntimeError, match="shapes do not fit.*fc1 \\[4, 5\\]"):
+        torch.ops.dyconv_cpu.depthwise_inference(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, None, *args)
+    with pytest.raises(RuntimeError, match="experts must be \\(3, 6, 1, \\*kernel\\).*\\[3, 5, 1, 3, 3\\]"):
+        torch.ops.dyconv_cpu.depthwise_inference(x, w1, b1, w2, b2, 1.0, torch.randn(3, 5, 1, 3, 3), None, *args)
+    with pytest.raises(RuntimeError, match="bias must be \\(3, 6\\).*\\[3, 5\\]"):
+        torch.ops.dyconv_cpu.depthwise_inference(x, w1, b1, w2, b2, 1.0, experts, torch.randn(3, 5), *args)
+
+
 @needs_kernel
 @pytest.mark.parametrize("channels", VECTOR_CHANNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -7,7 +7,11 @@
   in one pass over channels-innermost (channels_last) memory, and ``depthwise_backward`` is the matching backward
   (input gradient gathered per input row, per-sample kernel gradients summed per block of output rows). Nothing
   but the input, the experts, the attention and the per-sample kernels (``batch × taps × channels``: small for
-  depthwise layers) is kept for backward.
+  depthwise layers) is kept for backward. Inside a row, the positions whose every kernel column reads inside it go
+  four at a time, each kernel vector loaded once for the four. Without gradients, a channels_last batch's whole
+  layer is one call (``depthwise_inference``, :func:`dyconv._one_sample.infer_depthwise`): each sample's attention,
+  kernel and convolution on one thread while its input is in that core's caches, where the general path reads
+  the input twice from memory (for the attention's mean, then for the convolution).
 * Batch-1 inference of every layer (:mod:`dyconv._one_sample`): ``torch.ops.dyconv_cpu.one_sample_mix`` computes
   the attention (input sum, the two linear layers, ReLU, softmax with the temperature) and mixes the kernel into
   the thread's workspace in one call, where PyTorch operators take six; for depthwise layers on channels_last input

@@ -1,4 +1,5 @@
-"""Batch-1 inference of a dynamic layer with as few tensor operations and as little Python as possible.
+"""Batch-1 inference of a dynamic layer with as few tensor operations and as little Python as possible (and, with
+the same plan, a depthwise layer's inference on a channels_last batch in one call: :func:`infer_depthwise`).
 
 At batch 1 a small layer's convolution takes 0.1-0.3 ms on the CPU, and inside a network every operation run
 between two convolutions costs several times what it costs alone (its code and data are no longer in the
@@ -276,3 +277,24 @@ def infer(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], di
         if y is not None:
             return y
     return functional.conv(x, kernel, mixed_bias, stride, padding, dilation, groups)
+
+
+def infer_depthwise(layer: nn.Module, x: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                    groups: int) -> Optional[Tensor]:
+    """The output of a depthwise layer for a batch ``x`` on channels_last CPU memory without gradients, in one call
+    of the compiled kernel (``torch.ops.dyconv_cpu.depthwise_inference``: each sample's attention, computed as at
+    batch 1, then its kernel and convolution while its input is still in the core's caches; the general path reads
+    the input twice from memory, once for the attention's mean and once for the convolution), or ``None`` where
+    the layer's plan (its members, dtypes, autocast, dispatch modes: :func:`infer`) or the depthwise kernel
+    (:func:`dyconv._cpu_kernel.applies`) does not apply."""
+    weight = layer._parameters.get("weight")
+    if weight is None or not _cpu_kernel.applies(x, weight, groups):  # also autocast and dispatch modes
+        return None
+    plan = _plan(layer)
+    if plan is None or not plan.depthwise or x.dtype != plan.weight.dtype:
+        return None
+    scale = plan.inverse_temperature
+    if scale is None:
+        scale = 1.0 / float(plan.temperature)
+    return torch.ops.dyconv_cpu.depthwise_inference(x, plan.w1, plan.b1, plan.w2, plan.b2, scale, plan.experts,
+                                                    plan.bias_d, stride, padding, dilation)

@@ -108,6 +108,16 @@ class _DynamicConvNd(nn.Module):
             return None
         return _one_sample.infer(self, x, self.stride, padding, self.dilation, self.groups)
 
+    @torch.jit.unused
+    def _infer_depthwise(self, x: Tensor) -> Optional[Tensor]:
+        """Inference of a depthwise layer on a channels_last CPU batch in one compiled call (``None``: not
+        applicable): the ``"depthwise_kernel"`` strategy's computation, each sample's attention computed as at batch
+        1 (:func:`dyconv._one_sample.infer_depthwise`). Used only under the conditions of :meth:`_infer_one`."""
+        padding = getattr(self, "_conv_padding", None)
+        if padding is None or self.groups == 1:
+            return None
+        return _one_sample.infer_depthwise(self, x, self.stride, padding, self.dilation, self.groups)
+
     def _apply(self, fn, recurse=True):
         # model.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and refuses a
         # 5-D one; DynamicConv2d's stacked kernels are 5-D. Their layout does not matter (the mixed
@@ -159,8 +169,8 @@ class _DynamicConvNd(nn.Module):
             # the recording checks first: a trace or torch.compile must not see (and guard on) the batch size;
             # the shape checks are _check_input's for a batched input (which raises below where they fail)
             if (not torch.is_grad_enabled() and self.strategy == "auto" and not _chunked.tracing_exporting_or_compiling()
-                    and x.dim() == self._rank + 2 and x.shape[0] == 1 and x.shape[1] == self.in_channels):
-                out = self._infer_one(x)
+                    and x.dim() == self._rank + 2 and x.shape[0] >= 1 and x.shape[1] == self.in_channels):
+                out = self._infer_one(x) if x.shape[0] == 1 else self._infer_depthwise(x)
                 if out is not None:
                     return out
         self._check_input(x, allow_unbatched=True)

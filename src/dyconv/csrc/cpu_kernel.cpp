@@ -3,7 +3,8 @@
 // * depthwise_forward / depthwise_backward: dynamic depthwise convolution, channels innermost: one pass per sample
 //   that mixes the sample's kernel from the K experts and convolves with it, and the matching backward.
 // * one_sample_mix: batch-1 inference of any dynamic layer: the attention and the kernel's mixing in one call;
-//   one_sample_attention: the attention alone; one_sample_depthwise: the attention and depthwise_forward.
+//   one_sample_attention: the attention alone; one_sample_depthwise: the attention and depthwise_forward;
+//   depthwise_inference: the same for a batch (each sample's attention, kernel and convolution on one thread).
 // * dense_forward: inference of an ungrouped stride-1 dynamic convolution with the mixing inside the convolution's
 //   own tiles: each sample's kernel is mixed a few output channels and a few hundred inputs at a time into a
 //   buffer that stays in cache, never written whole (see "Dense convolution" below: two loops, one with vectors of
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -201,13 +203,13 @@ inline int64_t for_each_channel_block(int64_t C, F&& f) {
 // next position's, so that the rows are read in memory order), each block of up to four vectors of channels is
 // summed over every tap in registers, then stored once; channels past the last whole vector one at a time.
 template <typename T, typename Column>
-inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* out, int64_t P,
-                     Column column) {
+inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* out, int64_t p0,
+                     int64_t p1, Column column) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::unaligned U;
   constexpr int L = Vec<T>::lanes;
   const int64_t C = g.channels;
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
       constexpr int NV = decltype(nv)::value;
       V acc[NV];
@@ -242,6 +244,85 @@ inline void tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, cons
   }
 }
 
+// tap_sums for the positions [p0, p1) of a row where every kernel column reads inside the row, at a column that
+// steps linearly: q = q0 + p * ps + kw * ks (the forward: -padding, stride, dilation; the input gradient at stride
+// 1: padding, 1, -dilation). NP positions at a time, so that each kernel vector, loaded once, serves NP positions
+// (tap_sums loads it for every position); p1 - p0 a multiple of NP.
+template <typename T, int NP>
+__attribute__((noinline)) void tap_sums_run(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias,
+                                            T* out, int64_t p0, int64_t p1, int64_t q0, int64_t ps, int64_t ks) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::unaligned U;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t C = g.channels, KW = g.kernel[2], step = ps * C;
+  for (int64_t p = p0; p < p1; p += NP) {
+    const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
+      constexpr int NV = decltype(nv)::value;
+      V acc[NP][NV];
+      for (int v = 0; v < NV; ++v) {
+        const V init = bias != nullptr ? *reinterpret_cast<const U*>(bias + c0 + v * L) : V{};
+        for (int j = 0; j < NP; ++j) acc[j][v] = init;
+      }
+      for (int64_t i = 0; i < rows.count; ++i) {
+        const T* src = rows.row[i] + (q0 + p * ps) * C + c0;
+        const T* wrow = w + rows.tap0[i] * C + c0;
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const T* sp = src + kw * ks * C;
+          const T* wp = wrow + kw * C;
+          V wv[NV];
+          for (int v = 0; v < NV; ++v) wv[v] = *reinterpret_cast<const U*>(wp + v * L);
+          for (int j = 0; j < NP; ++j)
+            for (int v = 0; v < NV; ++v) acc[j][v] += wv[v] * *reinterpret_cast<const U*>(sp + j * step + v * L);
+        }
+      }
+      for (int j = 0; j < NP; ++j)
+        for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(out + (p + j) * C + c0 + v * L) = acc[j][v];
+    });
+    for (int64_t c = tail; c < C; ++c) {
+      for (int j = 0; j < NP; ++j) {
+        T a = bias != nullptr ? bias[c] : T(0);
+        for (int64_t i = 0; i < rows.count; ++i) {
+          const T* src = rows.row[i] + (q0 + (p + j) * ps) * C + c;
+          const T* wp = w + rows.tap0[i] * C + c;
+          for (int64_t kw = 0; kw < KW; ++kw) a += wp[kw * C] * src[kw * ks * C];
+        }
+        out[(p + j) * C + c] = a;
+      }
+    }
+  }
+}
+
+// The positions of a row of P whose kernel columns all read inside it ([lo, hi), lo = hi where none), for a column
+// function as tap_sums takes
+template <typename Column>
+inline std::pair<int64_t, int64_t> inner_positions(const Geometry& g, int64_t P, Column column) {
+  auto inside = [&](int64_t p) {
+    for (int64_t kw = 0; kw < g.kernel[2]; ++kw)
+      if (column(p, kw) < 0) return false;
+    return true;
+  };
+  int64_t lo = 0;
+  while (lo < P && !inside(lo)) ++lo;
+  int64_t hi = lo;
+  while (hi < P && inside(hi)) ++hi;
+  return {lo, hi};
+}
+
+// tap_sums over a whole row of P positions: the inner positions (where every kernel column reads inside the row,
+// the column q0 + p * ps + kw * ks) in runs of kRunPositions through tap_sums_run, the rest position by position.
+// Four positions hold 16 accumulators of four vectors of channels, of the 32 AVX-512 registers; two with 16.
+constexpr int kRunPositions = kVectorBytes == 64 ? 4 : 2;
+
+template <typename T, typename Column>
+inline void row_tap_sums(const Geometry& g, const TapRows<T>& rows, const T* w, const T* bias, T* out, int64_t P,
+                         int64_t q0, int64_t ps, int64_t ks, Column column) {
+  const auto inner = inner_positions(g, P, column);
+  const int64_t lo = inner.first, hi = lo + (inner.second - inner.first) / kRunPositions * kRunPositions;
+  tap_sums(g, rows, w, bias, out, 0, lo, column);
+  if (hi > lo) tap_sums_run<T, kRunPositions>(g, rows, w, bias, out, lo, hi, q0, ps, ks);
+  tap_sums(g, rows, w, bias, out, hi, P, column);
+}
+
 // One output row r (over batch, depth and height) of y = conv(x[b], w) + bias, w and bias the row's sample's own
 // mixed kernel (taps, C) and bias (C, or none).
 template <typename T>
@@ -254,10 +335,11 @@ inline void forward_row(const Geometry& g, const T* x, const T* w, const T* bias
     rows.tap0[rows.count] = tap0;
     rows.row[rows.count++] = x + (b * g.in[0] * g.in[1] + row) * g.in_row();
   });
-  tap_sums(g, rows, w, bias, y + r * g.out[2] * g.channels, g.out[2], [&](int64_t ow, int64_t kw) -> int64_t {
-    const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
-    return iw < 0 || iw >= g.in[2] ? -1 : iw;
-  });
+  row_tap_sums(g, rows, w, bias, y + r * g.out[2] * g.channels, g.out[2], -g.padding[2], g.stride[2],
+               g.dilation[2], [&](int64_t ow, int64_t kw) -> int64_t {
+                 const int64_t iw = ow * g.stride[2] - g.padding[2] + kw * g.dilation[2];
+                 return iw < 0 || iw >= g.in[2] ? -1 : iw;
+               });
 }
 
 template <typename T>
@@ -312,8 +394,13 @@ void grad_input_rows(const Geometry& g, const T* gy, const T* mixed, T* gx) {
         rows.tap0[rows.count] = tap0;
         rows.row[rows.count++] = gy + (b * g.out[0] * g.out[1] + row) * g.out[2] * C;
       });
-      tap_sums(g, rows, mixed + b * taps * C, static_cast<const T*>(nullptr), gx + r * g.in_row(), g.in[2],
-               [&](int64_t iw, int64_t kw) { return output_column(g, iw, kw); });
+      auto column = [&](int64_t iw, int64_t kw) { return output_column(g, iw, kw); };
+      T* out = gx + r * g.in_row();
+      if (g.stride[2] == 1)
+        row_tap_sums(g, rows, mixed + b * taps * C, static_cast<const T*>(nullptr), out, g.in[2], g.padding[2], 1,
+                     -g.dilation[2], column);
+      else
+        tap_sums(g, rows, mixed + b * taps * C, static_cast<const T*>(nullptr), out, 0, g.in[2], column);
     }
   });
 }
@@ -498,16 +585,14 @@ inline void add_column_sums(const T* data, int64_t C, int64_t c0, int64_t p0, in
     for (int i = 0; i < L; ++i) sums[c0 + v * L + i] += static_cast<double>(acc[v][i]);
 }
 
+// The channel sums of channels-innermost data, (positions, C) rows, in `blocks` blocks of positions (threads): each
+// block sums runs of kSumRun rows in registers, four vectors of channels at a time, into its own row of double
+// partial sums; the blocks' rows are added in a fixed order.
 template <typename T>
-void channel_sums(const at::Tensor& x, double* sums) {
-  const int64_t C = x.size(1), positions = x.numel() / std::max<int64_t>(C, 1);
-  const T* data = x.data_ptr<T>();
+void channel_sums_rows(const T* data, int64_t positions, int64_t C, int64_t blocks, double* sums) {
   std::fill(sums, sums + C, 0.0);
-  if (channels_innermost(x)) {
-    // (positions, C) rows: each block of positions sums runs of kSumRun rows in registers, four vectors of
-    // channels at a time, into its own row of double partial sums; the blocks' rows are added in a fixed order
+  {
     constexpr int64_t kSumRun = 64;
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), positions / 1024));
     const int64_t per_block = (positions + blocks - 1) / blocks;
     std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -530,7 +615,18 @@ void channel_sums(const at::Tensor& x, double* sums) {
     });
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t c = 0; c < C; ++c) sums[c] += partial[blk * C + c];
+  }
+}
+
+template <typename T>
+void channel_sums(const at::Tensor& x, double* sums) {
+  const int64_t C = x.size(1), positions = x.numel() / std::max<int64_t>(C, 1);
+  const T* data = x.data_ptr<T>();
+  if (channels_innermost(x)) {
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), positions / 1024));
+    channel_sums_rows<T>(data, positions, C, blocks, sums);
   } else {
+    std::fill(sums, sums + C, 0.0);
     // contiguous: one row of positions per channel
     at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -587,20 +683,29 @@ void linear(const T* w, const T* b, const double* in, double* out, int64_t rows,
 }
 
 // The attention of one sample x (1, C, *spatial): softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)) into a (K).
+// The attention from a sample's channel sums over its positions (as sample_attention below)
 template <typename T>
-void sample_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                      const at::Tensor& b2, double scale, T* a) {
-  const int64_t C = x.size(1), H = w1.size(0), K = w2.size(0);
-  std::vector<double> sums(C), hidden(H), logits(K);
-  channel_sums<T>(x, sums.data());
-  const double positions = static_cast<double>(std::max<int64_t>(1, x.numel() / std::max<int64_t>(C, 1)));
-  linear<T>(w1.data_ptr<T>(), b1.data_ptr<T>(), sums.data(), hidden.data(), H, C, 1.0 / positions, 1.0);
+void attention_from_sums(const double* sums, double positions, const at::Tensor& w1, const at::Tensor& b1,
+                         const at::Tensor& w2, const at::Tensor& b2, double scale, T* a) {
+  const int64_t C = w1.size(1), H = w1.size(0), K = w2.size(0);
+  std::vector<double> hidden(H), logits(K);
+  linear<T>(w1.data_ptr<T>(), b1.data_ptr<T>(), sums, hidden.data(), H, C, 1.0 / positions, 1.0);
   for (auto& h : hidden) h = h > 0.0 ? h : 0.0;
   linear<T>(w2.data_ptr<T>(), b2.data_ptr<T>(), hidden.data(), logits.data(), K, H, scale, scale);
   const double top = *std::max_element(logits.begin(), logits.end());
   double total = 0.0;
   for (auto& l : logits) total += (l = std::exp(l - top));
   for (int64_t k = 0; k < K; ++k) a[k] = static_cast<T>(logits[k] / total);
+}
+
+template <typename T>
+void sample_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2, double scale, T* a) {
+  const int64_t C = x.size(1);
+  std::vector<double> sums(C);
+  channel_sums<T>(x, sums.data());
+  const double positions = static_cast<double>(std::max<int64_t>(1, x.numel() / std::max<int64_t>(C, 1)));
+  attention_from_sums<T>(sums.data(), positions, w1, b1, w2, b2, scale, a);
 }
 
 void check_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -702,6 +807,64 @@ at::Tensor one_sample_depthwise(const at::Tensor& x, const at::Tensor& w1, const
     sample_attention<scalar_t>(x, w1, b1, w2, b2, scale, attention.data_ptr<scalar_t>());
   });
   return std::get<0>(depthwise_forward(x, experts, attention, bias, stride, padding, dilation));
+}
+
+// Inference of a depthwise layer on a channels-innermost batch in one call. Where the threads divide the samples
+// evenly enough (the busiest thread at most 5/4 of the mean), sample by sample: each sample's attention (as
+// one_sample_attention), its mixed kernel, then its convolution (depthwise_forward's rows) on one thread, while the
+// sample's input is still in that core's caches (the batched path reads the input twice from memory: for the
+// attention's mean, then for the convolution). Otherwise every sample's attention and kernel first (samples divided
+// among the threads), then the convolution's rows divided among them. Returns y (B, C, *out), channels innermost.
+at::Tensor depthwise_inference(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                               const at::Tensor& b2, double scale, const at::Tensor& experts,
+                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation) {
+  check_input(x, "input");
+  check_attention(x, w1, b1, w2, b2);
+  const int64_t K = w2.size(0);
+  TORCH_CHECK(experts.dim() == x.dim() + 1 && experts.size(0) == K && experts.size(1) == x.size(1) &&
+                  experts.size(2) == 1 && experts.scalar_type() == x.scalar_type(),
+              "dyconv depthwise_inference: experts must be (", K, ", ", x.size(1), ", 1, *kernel) of x's dtype, got ",
+              experts.sizes(), " ", experts.scalar_type());
+  auto g = geometry(x, experts.sizes().slice(3), stride, padding, dilation);
+  const int64_t C = g.channels, taps = g.taps();
+  const auto e = experts.contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == K && bias->size(1) == C && bias->scalar_type() == x.scalar_type(),
+                "dyconv depthwise_inference: bias must be (", K, ", ", C, ") of x's dtype, got ", bias->sizes());
+    b = bias->contiguous();
+  }
+  std::vector<int64_t> out_sizes{g.batch, C};
+  for (int64_t i = 3 - (x.dim() - 2); i < 3; ++i) out_sizes.push_back(g.out[i]);
+  auto y = empty_channels_innermost(x, out_sizes);
+  const int64_t positions = g.in[0] * g.in[1] * g.in[2], rows = g.out[0] * g.out[1];
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dyconv_depthwise_inference", [&] {
+    const scalar_t* xd = x.data_ptr<scalar_t>();
+    const scalar_t* ed = e.data_ptr<scalar_t>();
+    const scalar_t* bd = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yd = y.data_ptr<scalar_t>();
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const bool by_sample = 4 * ((g.batch + threads - 1) / threads) * threads <= 5 * g.batch;
+    // each sample's kernel and bias: the thread's own buffers (by_sample) or the batch's
+    std::vector<scalar_t> kernels(by_sample ? 0 : g.batch * taps * C), biases(by_sample || !bd ? 0 : g.batch * C);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> sums(C);
+      std::vector<scalar_t> a(K), own(by_sample ? taps * C : 0), own_bias(by_sample && bd ? C : 0);
+      TapRows<scalar_t> scratch(g);
+      for (int64_t s = begin; s < end; ++s) {
+        scalar_t* m = by_sample ? own.data() : kernels.data() + s * taps * C;
+        scalar_t* mb = bd == nullptr ? nullptr : by_sample ? own_bias.data() : biases.data() + s * C;
+        channel_sums_rows<scalar_t>(xd + s * positions * C, positions, C, 1, sums.data());
+        attention_from_sums<scalar_t>(sums.data(), static_cast<double>(positions), w1, b1, w2, b2, scale, a.data());
+        mix<scalar_t>(a.data(), ed, bd, m, mb, 1, K, C, taps);
+        if (by_sample)
+          for (int64_t r = s * rows; r < (s + 1) * rows; ++r) forward_row(g, xd, m, mb, yd, r, scratch);
+      }
+    });
+    if (!by_sample) forward_rows<scalar_t>(g, xd, kernels.data(), bd ? biases.data() : nullptr, yd);
+  });
+  return y;
 }
 
 at::Tensor one_sample_mix(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -1514,6 +1677,8 @@ TORCH_LIBRARY(dyconv_cpu, m) {
   m.def("one_sample_attention(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale) -> Tensor");
   m.def("one_sample_depthwise(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
         "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("depthwise_inference(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
+        "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation, "
         "str loop=\"auto\") -> Tensor");
   m.def("dense_backward(Tensor grad_y, Tensor x, Tensor experts, Tensor attention, int[] padding, int[] dilation, "
@@ -1526,6 +1691,7 @@ TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
   m.impl("one_sample_mix", one_sample_mix);
   m.impl("one_sample_attention", one_sample_attention);
   m.impl("one_sample_depthwise", one_sample_depthwise);
+  m.impl("depthwise_inference", depthwise_inference);
   m.impl("dense_forward", dense_forward);
   m.impl("dense_backward", dense_backward);
 }
