@@ -26,7 +26,10 @@
   size`` per layer, 302 MB for a 3×3 512->512 layer. ``dense_backward`` does the same for the gradients: the input
   gradient is the same kind of loop over the output gradient with the experts transposed and their taps flipped,
   and each sample's kernel gradient is computed a register tile at a time and folded at once into the experts'
-  gradients (``sum_b a[b, k] dW_b``) and the attention's (``<dW_b, W_k>``), never written whole either. Its
+  gradients (``sum_b a[b, k] dW_b``) and the attention's (``<dW_b, W_k>``), never written whole either. The
+  experts' gradient of a large layer comes from reused memory (``csrc/reused_memory.cpp``,
+  :func:`reused_memory_bytes`), not from memory mapped afresh and faulted in page by page on every training step
+  (37.7 MB for a 3×3 512->512 layer: about 9 ms of page faults on this machine). Its
   convolution is a plain register-tiled loop, slower than oneDNN's per FLOP, so
   :func:`dyconv.functional.select_strategy` takes it only for small outputs (deep 3×3 layers), where streaming the
   kernels is what costs.
@@ -48,7 +51,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,6 +61,7 @@ from ._chunked import autocast_dtype, conv_chunked, python_dispatch_active, unvi
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernel.cpp"
 # the batch-1 layer in one call from Python (dyconv._one_sample), built into the same module
 PLAN_SOURCE = SOURCE.with_name("one_sample.cpp")
+MEMORY_SOURCE = SOURCE.with_name("reused_memory.cpp")
 ENV_SWITCH = "DYCONV_CPU_KERNEL"
 DTYPES = (torch.float32, torch.float64)
 
@@ -94,9 +98,10 @@ def _build() -> None:
         from torch.utils import cpp_extension
 
         # one build per CPU and source version: installs of different versions do not rebuild over each other
-        source = hashlib.sha1(SOURCE.read_bytes() + PLAN_SOURCE.read_bytes()).hexdigest()[:10]
+        sources = [SOURCE, PLAN_SOURCE, MEMORY_SOURCE]
+        source = hashlib.sha1(b"".join(path.read_bytes() for path in sources)).hexdigest()[:10]
         _state["module"] = cpp_extension.load(
-            name=f"dyconv_cpu_{_cpu_tag()}_{source}", sources=[str(SOURCE), str(PLAN_SOURCE)],
+            name=f"dyconv_cpu_{_cpu_tag()}_{source}", sources=[str(path) for path in sources],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=True,
             verbose=False)
     finally:
@@ -138,6 +143,24 @@ def one_sample_plan_type():
 def unavailable_reason() -> Optional[str]:
     """Why :func:`available` is false (``None`` when it is true or was not asked yet)."""
     return _state["error"]
+
+
+def reused_memory_bytes() -> Tuple[int, int]:
+    """``(bytes held by tensors, bytes kept for reuse)`` of the kernel's reused memory (``csrc/reused_memory.cpp``:
+    the experts' gradients of large layers from ``dense_backward``, kept when freed for the next backward of the same
+    size instead of mapped afresh by every training step; at most 512 MiB kept); ``(0, 0)`` where the kernel is not
+    loaded."""
+    if not _state["loaded"]:
+        return 0, 0
+    held, kept = torch.ops.dyconv_cpu.reused_memory_bytes()
+    return held, kept
+
+
+def release_reused_memory() -> None:
+    """Free the blocks the kernel's reused memory keeps (:func:`reused_memory_bytes`); blocks that tensors hold are
+    freed with them."""
+    if _state["loaded"]:
+        torch.ops.dyconv_cpu.release_reused_memory()
 
 
 def channels_innermost(x: Tensor) -> bool:

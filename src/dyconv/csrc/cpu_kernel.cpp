@@ -8,7 +8,8 @@
 // * dense_forward: inference of an ungrouped stride-1 dynamic convolution with the mixing inside the convolution's
 //   own tiles: each sample's kernel is mixed a few output channels and a few hundred inputs at a time into a
 //   buffer that stays in cache, never written whole (see "Dense convolution" below: two loops, one with vectors of
-//   positions, one with vectors of output channels); dense_backward: its gradients, the same way.
+//   positions, one with vectors of output channels); dense_backward: its gradients, the same way (the experts'
+//   gradient of a large layer in reused memory: reused_memory.cpp).
 //
 // Tensors are read through raw pointers in the "channels innermost" memory order that channels_last (2-D),
 // channels_last_3d (3-D) and a (B, L, C) buffer seen as (B, C, L) (1-D) share: element (b, c, d, h, w) of an
@@ -99,6 +100,9 @@ bool channels_innermost(const at::Tensor& t) {
   }
   return t.size(0) == 1 || t.stride(0) == expected;
 }
+
+// An uninitialised contiguous CPU tensor, large ones from reused memory (reused_memory.cpp)
+at::Tensor reused_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace dyconv_cpu
 
@@ -1515,7 +1519,7 @@ std::tuple<at::Tensor, at::Tensor> cl_weight_grad(const ClGeometry& g, const T* 
     });
   }
   const T* gys = gyc.template data_ptr<T>();
-  auto grad = at::empty(sizes, gy.options());
+  auto grad = dyconv_cpu::reused_empty(sizes, gy.options());  // large: reused memory (reused_memory.cpp)
   T* gd = grad.template data_ptr<T>();
   const int64_t chunks = (R + kClGradRows - 1) / kClGradRows, tasks = blocks * chunks;
   auto parts = at::zeros({tasks, g.batch, E}, gy.options());
