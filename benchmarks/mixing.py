@@ -37,12 +37,14 @@
    copied into a reused workspace; one sample per piece is a view), from one sample per convolution to the whole
    chunk in one.
 7. *Mixing a chunk's kernels* (``--part chunk-mix``): ``torch.mm``'s ``(n × K) @ (K × N)`` into a reused buffer
-   against a scaled copy and K - 1 scaled adds per sample (``dyconv._chunked.scaled_adds``), alone for kernel
-   sizes N around the former thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample, 2^18) and
-   ``SCALED_ADDS_CHUNK_MIN_ELEMENTS`` (several, 2^19; both "never" since 2026-11-29, README "Mixing by scaled
-   adds"), with as many samples as one chunk (``FORWARD_CHUNK_ELEMENTS``) holds, up to 8; then inside 3×3 layers
-   at batch 32 (the chunk threshold patched for each side: 2^62 for torch.mm, 2^19 for scaled adds), where the
-   experts are read right after a convolution has used the caches.
+   against a scaled copy and K - 1 scaled adds per sample (``dyconv._chunked.scaled_adds``) and the compiled
+   kernel's ``mix_rows`` (what ``"chunked"`` uses on the CPU since 2026-11-30 where the kernel is built), alone for
+   MobileNetV2's 1×1 576→96 kernel (55296 elements, chunks of 32 samples) and kernel sizes N around the former
+   thresholds ``SCALED_ADDS_MIN_ELEMENTS`` (one sample, 2^18) and ``SCALED_ADDS_CHUNK_MIN_ELEMENTS`` (several,
+   2^19; both "never" since 2026-11-29, README "Mixing by scaled adds"), with as many samples as one chunk
+   (``FORWARD_CHUNK_ELEMENTS``) holds, up to 32; then inside 3×3 layers at batch 32 (the chunk threshold patched for
+   each side: 2^62 for torch.mm and mix_rows, 2^19 for scaled adds; mix_rows switched off for the other two), where
+   the experts are read right after a convolution has used the caches.
 
 Sides are interleaved (one call of each per round) and the medians are printed, in ms and as ratios to static.
 """
@@ -348,13 +350,14 @@ def fold_chunks(rounds: int) -> None:
 
 
 def chunk_mix(rounds: int) -> None:
+    compiled = _cpu_kernel.available()
     print("mixing a chunk's kernels, (n x K) @ (K x N) into a reused buffer, alone: torch.mm against scaled adds "
-          "per sample (ms)")
-    for numel in (1 << 18, 294912, 1 << 19, 589824, 1179648):
+          "per sample" + (" and the compiled mix_rows" if compiled else "") + " (ms)")
+    for numel in (55296, 1 << 18, 294912, 1 << 19, 589824, 1179648):
         experts = torch.randn(K, numel)
         rows = [experts[k] for k in range(K)]
         cells = []
-        for n in sorted({1, 2, min(8, max(1, _chunked.FORWARD_CHUNK_ELEMENTS // numel))}):
+        for n in sorted({1, 2, min(32, max(1, _chunked.FORWARD_CHUNK_ELEMENTS // numel))}):
             attention = torch.softmax(torch.randn(n, K), 1)
             out = torch.empty(n, numel)
 
@@ -363,12 +366,16 @@ def chunk_mix(rounds: int) -> None:
                 for i in range(n):
                     _chunked.scaled_adds(weights[i], rows, out[i])
 
-            r = interleaved({"mm": lambda attention=attention, out=out: torch.mm(attention, experts, out=out),
-                             "scaled adds": adds}, rounds)
-            cells.append(f"n = {n}: mm {r['mm']:.3f}, scaled adds {r['scaled adds']:.3f}")
+            sides = {"mm": lambda attention=attention, out=out: torch.mm(attention, experts, out=out),
+                     "scaled adds": adds}
+            if compiled:
+                sides["mix_rows"] = lambda attention=attention, out=out: torch.ops.dyconv_cpu.mix_rows(attention,
+                                                                                                      experts, out)
+            r = interleaved(sides, rounds)
+            cells.append(f"n = {n}: " + ", ".join(f"{side} {r[side]:.3f}" for side in sides))
         print(f"  N = {numel}: " + "; ".join(cells))
-    print("the same inside the layer, batch 32 (the chunked strategy, chunks mixed by torch.mm or by scaled adds; "
-          "ms, ratio to static)")
+    print("the same inside the layer, batch 32 (the chunked strategy, chunks mixed by torch.mm, by scaled adds"
+          + (" or by mix_rows" if compiled else "") + "; ms, ratio to static)")
     default = _chunked.SCALED_ADDS_CHUNK_MIN_ELEMENTS
     for channels, size, train in ((256, 14, False), (256, 7, True), (512, 7, False), (128, 28, False)):
         for fmt in (torch.contiguous_format, torch.channels_last):
@@ -378,10 +385,11 @@ def chunk_mix(rounds: int) -> None:
             x = torch.randn(32, channels, size, size).contiguous(memory_format=fmt).requires_grad_(train)
             grad = torch.randn(32, channels, size, size).contiguous(memory_format=fmt)
 
-            def call(module, threshold=None):
+            def call(module, threshold=None, kernel_mix=False):
                 def run():
                     if threshold is not None:
                         _chunked.SCALED_ADDS_CHUNK_MIN_ELEMENTS = threshold
+                    _chunked._compiled_mix = compiled_mix if kernel_mix else lambda *args: False
                     if train:
                         module(x).backward(grad)
                     else:
@@ -390,21 +398,23 @@ def chunk_mix(rounds: int) -> None:
                 return run
 
             calls = []
-            adds = _chunked.scaled_adds
+            adds, compiled_mix = _chunked.scaled_adds, _chunked._compiled_mix
             _chunked.scaled_adds = lambda *args: calls.append(1) or adds(*args)
+            sides = {"static": call(static), "mm": call(layer, 1 << 62), "scaled adds": call(layer, 1 << 19)}
+            if compiled:
+                sides["mix_rows"] = call(layer, 1 << 62, kernel_mix=True)
             try:
-                r = interleaved({"static": call(static), "mm": call(layer, 1 << 62),
-                                 "scaled adds": call(layer, 1 << 19)}, rounds)
+                r = interleaved(sides, rounds)
             finally:
                 _chunked.SCALED_ADDS_CHUNK_MIN_ELEMENTS = default
-                _chunked.scaled_adds = adds
+                _chunked.scaled_adds, _chunked._compiled_mix = adds, compiled_mix
             name = "training step" if train else "inference"
             cl = "CL" if fmt == torch.channels_last else "C"
             # a layer whose chunks (or output-channel tiles) stay below the threshold runs the same code on both
             # sides: its difference is this machine's noise
             control = "" if calls else " (control: below the threshold, the same path on both sides)"
-            print(f"  3x3 {channels} @{size} {name} {cl}: static {r['static']:.1f}; mm {r['mm'] / r['static']:.2f}x, "
-                  f"scaled adds {r['scaled adds'] / r['static']:.2f}x{control}")
+            ratios = ", ".join(f"{side} {r[side] / r['static']:.2f}x" for side in sides if side != "static")
+            print(f"  3x3 {channels} @{size} {name} {cl}: static {r['static']:.1f}; {ratios}{control}")
 
 
 def main(argv=None) -> int:

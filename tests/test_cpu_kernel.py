@@ -392,6 +392,65 @@ def test_one_sample_mix_mixes_every_element(experts_count, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("experts_count", [1, 2, 4, 5])
+def test_mix_rows_mixes_every_element(experts_count, dtype):
+    """mix_rows (the "chunked" strategy's mixing): out = attention @ experts for kernels of whole tiles (1024
+    elements) and a tail, one and several rows, experts whose rows lie apart (a view of a wider tensor), against
+    the float64 product."""
+    torch.manual_seed(0)
+    K = experts_count
+    for rows, n in ((1, 1000), (5, 2 * 1024 + 37), (32, 3 * 1024)):
+        attention = torch.softmax(torch.randn(rows, K, dtype=torch.float64), 1).to(dtype)
+        experts = torch.randn(K, n + 11, dtype=dtype)[:, 5:n + 5]
+        out = torch.full((rows, n), float("nan"), dtype=dtype)
+        torch.ops.dyconv_cpu.mix_rows(attention, experts, out)
+        torch.testing.assert_close(out.double(), attention.double() @ experts.double(), **TOL[dtype])
+
+
+@needs_kernel
+def test_mix_rows_checks_its_arguments():
+    attention, experts, out = torch.rand(3, 4), torch.randn(4, 50), torch.empty(3, 50)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.dyconv_cpu.mix_rows(attention.double(), experts, out)
+    with pytest.raises(RuntimeError, match="experts \\(K, N\\) with contiguous rows.*\\[4, 50\\].*\\(strides "
+                                           "\\[1, 4\\]\\)"):
+        torch.ops.dyconv_cpu.mix_rows(attention, torch.randn(50, 4).t(), out)
+    with pytest.raises(RuntimeError, match="out \\(B, N\\) contiguous.*\\[3, 49\\]"):
+        torch.ops.dyconv_cpu.mix_rows(attention, experts, torch.empty(3, 49))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.dyconv_cpu.mix_rows(attention.half(), experts.half(), out.half())
+
+
+def profiled_op_names(fn):
+    """Every operator ``fn()`` ran, nested or not, as PyTorch's profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@needs_kernel
+def test_chunked_mixes_with_the_kernel():
+    """The "chunked" strategy mixes its chunks' kernels with mix_rows on the CPU, forward and backward, with the
+    reference's values and gradients; under autocast and under a Python dispatch mode (``dyconv.profile``'s FLOP
+    counter counts ``torch.mm``) with ``torch.mm``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = DynamicConv2d(6, 8, 3, padding=1, num_experts=3, temperature=2.0, dtype=torch.float64)
+    x = torch.randn(4, 6, 9, 10, dtype=torch.float64, requires_grad=True)
+    names = profiled_op_names(lambda: assert_gradients_match_loop(layer, x, run(layer, x, "chunked")))
+    assert "dyconv_cpu::mix_rows" in names
+    torch.testing.assert_close(run(layer, x, "chunked"), per_sample_reference(layer, x), **TOL[torch.float64])
+    with FlopCounterMode(display=False):
+        names = profiled_op_names(lambda: run(layer, x, "chunked"))
+    assert "dyconv_cpu::mix_rows" not in names and "aten::mm" in names
+    layer, x = layer.float(), x.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        names = profiled_op_names(lambda: run(layer, x, "chunked"))
+    assert "dyconv_cpu::mix_rows" not in names
+
+
+@needs_kernel
 def test_one_sample_mix_checks_its_arguments():
     x = torch.randn(1, 6, 5, 5)
     w1, b1, w2, b2 = torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)

@@ -19,8 +19,9 @@ per-sample convolutions' time), forward and backward (``benchmarks/mixing.py --p
 Two measured CPU effects shape the eager path (``benchmarks/mixing.py`` shows both):
 
 * A convolution whose kernel lies in freshly allocated memory can be slower than one whose kernel lies in
-  memory the process has used before, so the mixed kernels are written with ``torch.mm(..., out=)`` into a
-  reused per-thread workspace on the CPU. The size of the effect depends on the load: mix + 3x3 512→512 conv
+  memory the process has used before, so the mixed kernels are written with ``torch.mm(..., out=)`` (or, where
+  the compiled CPU kernel is built, its ``mix_rows``: :func:`_compiled_mix`) into a reused per-thread workspace on
+  the CPU. The size of the effect depends on the load: mix + 3x3 512→512 conv
   at 7², batch 1, 16.4 ms fresh against 14.0 ms reused with 2 threads on the quiet machine; 28.5 ms against
   11.5 ms with one thread while another process ran. The workspace never escapes: each chunk's convolution
   has consumed it before the next chunk is mixed.
@@ -248,7 +249,30 @@ def mix(attention: Tensor, flat: Tensor, weight: Tensor, order: List[int], buf: 
             for i in range(rows):
                 scaled_adds(weights[i], flat, out[i])
             return unflatten(out, weight, order)
+        if _compiled_mix(attention, flat, out):
+            return unflatten(out, weight, order)
     return unflatten(torch.mm(attention, flat, out=out), weight, order)
+
+
+@torch.jit.unused
+def _compiled_mix(attention: Tensor, flat: Tensor, out: Tensor) -> bool:
+    """Mix ``attention @ flat`` into ``out`` with the compiled CPU kernel (``torch.ops.dyconv_cpu.mix_rows``, in
+    tiles of a thousand elements, the K experts' rows in one pass: 2-4 times as fast as ``torch.mm``'s product
+    with an inner dimension of K on this machine, ``benchmarks/mixing.py --part chunk-mix``) where it is built and
+    the tensors suit it (float32 or float64, one dtype, the experts' rows contiguous), no autocast (which computes
+    ``mm`` in lower precision) and no Python dispatch mode (``dyconv.profile``'s FLOP counter counts ``mm``);
+    ``False`` where it did not."""
+    from . import _cpu_kernel  # imports this module
+
+    dtype = flat.dtype
+    if dtype not in _cpu_kernel.DTYPES or attention.dtype != dtype or out.dtype != dtype or flat.stride(1) != 1:
+        return False
+    if flat.device.type != "cpu" or autocast_dtype("cpu") is not None or python_dispatch_active():
+        return False
+    if not _cpu_kernel.available():
+        return False
+    torch.ops.dyconv_cpu.mix_rows(attention, flat, out)
+    return True
 
 
 @torch.jit.unused

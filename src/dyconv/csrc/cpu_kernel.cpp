@@ -4,7 +4,8 @@
 //   that mixes the sample's kernel from the K experts and convolves with it, and the matching backward.
 // * one_sample_mix: batch-1 inference of any dynamic layer: the attention and the kernel's mixing in one call;
 //   one_sample_attention: the attention alone; one_sample_depthwise: the attention and depthwise_forward;
-//   depthwise_inference: the same for a batch (each sample's attention, kernel and convolution on one thread).
+//   depthwise_inference: the same for a batch (each sample's attention, kernel and convolution on one thread);
+//   mix_rows: the "chunked" strategy's mixing of a chunk's kernels.
 // * dense_forward: inference of an ungrouped stride-1 dynamic convolution with the mixing inside the convolution's
 //   own tiles: each sample's kernel is mixed a few output channels and a few hundred inputs at a time into a
 //   buffer that stays in cache, never written whole (see "Dense convolution" below: two loops, one with vectors of
@@ -778,6 +779,43 @@ void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::T
       mb[c] = acc;
     }
   }
+}
+
+// out[b] = sum_k attention[b][k] * experts[k] for every row b: attention (B, K), experts (K, N) with contiguous rows,
+// out (B, N) contiguous, one dtype. The "chunked" strategy's mixing on the CPU (dyconv/_chunked.py: mix), where
+// torch.mm's (B x K) @ (K x N), a matrix product with an inner dimension of four, took 2-4 times as long on this
+// machine (benchmarks/mixing.py --part chunk-mix). In tiles of kMixTile elements: each thread takes a range of tiles and mixes every row's tile from the
+// experts' rows while they are in L1 (K = 4: one pass over the four rows at once, each element of out written once).
+constexpr int64_t kMixTile = 1024;
+
+void mix_rows(const at::Tensor& attention, const at::Tensor& experts, at::Tensor& out) {
+  const auto dtype = experts.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dyconv mix_rows: float32 or float64, got ", dtype);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&attention, &experts, &out}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->dim() == 2,
+                "dyconv mix_rows: attention, experts and out must be 2-D CPU tensors of one dtype");
+  }
+  TORCH_CHECK(attention.size(1) == experts.size(0) && out.size(0) == attention.size(0) &&
+                  out.size(1) == experts.size(1) && out.is_contiguous() && experts.stride(1) == 1,
+              "dyconv mix_rows: need attention (B, K), experts (K, N) with contiguous rows and out (B, N) contiguous, "
+              "got ", attention.sizes(), ", ", experts.sizes(), " (strides ", experts.strides(), "), ", out.sizes());
+  const auto a = attention.contiguous();
+  const int64_t B = out.size(0), K = experts.size(0), N = out.size(1), tiles = (N + kMixTile - 1) / kMixTile;
+  if (B == 0 || N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dyconv_mix_rows", [&] {
+    const scalar_t* ad = a.data_ptr<scalar_t>();
+    const scalar_t* e = experts.data_ptr<scalar_t>();
+    const int64_t es = experts.stride(0);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles * B, B, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> rows(K);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t0 = (i / B) * kMixTile, b = i % B;
+        for (int64_t k = 0; k < K; ++k) rows[k] = e + k * es + t0;
+        mix_row<scalar_t>(o + b * N + t0, rows.data(), ad + b * K, K, std::min(kMixTile, N - t0));
+      }
+    });
+  });
 }
 
 // The attention (1, K) of one sample x (1, C, *spatial), as one_sample_mix computes it.
@@ -1681,6 +1719,7 @@ TORCH_LIBRARY(dyconv_cpu, m) {
   m.def("one_sample_attention(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale) -> Tensor");
   m.def("one_sample_depthwise(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
         "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("mix_rows(Tensor attention, Tensor experts, Tensor(a!) out) -> ()");
   m.def("depthwise_inference(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float scale, Tensor experts, "
         "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def("dense_forward(Tensor x, Tensor experts, Tensor attention, Tensor? bias, int[] padding, int[] dilation, "
@@ -1696,6 +1735,7 @@ TORCH_LIBRARY_IMPL(dyconv_cpu, CPU, m) {
   m.impl("one_sample_attention", one_sample_attention);
   m.impl("one_sample_depthwise", one_sample_depthwise);
   m.impl("depthwise_inference", depthwise_inference);
+  m.impl("mix_rows", mix_rows);
   m.impl("dense_forward", dense_forward);
   m.impl("dense_backward", dense_backward);
 }
