@@ -301,21 +301,35 @@ def test_batch_depthwise_inference_every_vector_block(channels, dtype, conv):
         layer = layer.double()
 
 
-@needs_kernel
-def test_depthwise_inference_checks_its_arguments():
-    x = channels_innermost(torch.randn(2, 6, 5, 5))
+def depthwise_call(batch):
+    """Arguments of the compiled depthwise calls with the attention (``one_sample_depthwise``,
+    ``depthwise_inference``) for a 3x3 layer of 6 channels, 3 experts, on ``batch`` channels_last 5x5 samples: ``x``,
+    the attention's ``w1, b1, w2, b2``, the experts, and stride, padding and dilation."""
+    x = channels_innermost(torch.randn(batch, 6, 5, 5))
     w1, b1, w2, b2 = torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)
-    experts = torch.randn(3, 6, 1, 3, 3)
-    args = ([1, 1], [1, 1], [1, 1])
-    assert torch.ops.dyconv_cpu.depthwise_inference(x, w1, b1, w2, b2, 1.0, experts, None, *args).shape == x.shape
+    return x, w1, b1, w2, b2, torch.randn(3, 6, 1, 3, 3), ([1, 1], [1, 1], [1, 1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("op, batch, experts_message", [
+    ("one_sample_depthwise", 1, "experts must be \\(K, C, 1, \\*kernel\\) with C = 6"),
+    ("depthwise_inference", 2, "experts must be \\(3, 6, 1, \\*kernel\\).*\\[3, 5, 1, 3, 3\\]")])
+def test_depthwise_calls_with_the_attention_check_their_arguments(op, batch, experts_message):
+    call = getattr(torch.ops.dyconv_cpu, op)
+    x, w1, b1, w2, b2, experts, args = depthwise_call(batch)
+    assert call(x, w1, b1, w2, b2, 1.0, experts, None, *args).shape == x.shape
     with pytest.raises(RuntimeError, match="channels innermost"):
-        torch.ops.dyconv_cpu.depthwise_inference(x.contiguous(), w1, b1, w2, b2, 1.0, experts, None, *args)
+        call(x.contiguous(), w1, b1, w2, b2, 1.0, experts, None, *args)
     with pytest.raises(RuntimeError, match="shapes do not fit.*fc1 \\[4, 5\\]"):
-        torch.ops.dyconv_cpu.depthwise_inference(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, None, *args)
-    with pytest.raises(RuntimeError, match="experts must be \\(3, 6, 1, \\*kernel\\).*\\[3, 5, 1, 3, 3\\]"):
-        torch.ops.dyconv_cpu.depthwise_inference(x, w1, b1, w2, b2, 1.0, torch.randn(3, 5, 1, 3, 3), None, *args)
-    with pytest.raises(RuntimeError, match="bias must be \\(3, 6\\).*\\[3, 5\\]"):
-        torch.ops.dyconv_cpu.depthwise_inference(x, w1, b1, w2, b2, 1.0, experts, torch.randn(3, 5), *args)
+        call(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, None, *args)
+    with pytest.raises(RuntimeError, match=experts_message):
+        call(x, w1, b1, w2, b2, 1.0, torch.randn(3, 5, 1, 3, 3), None, *args)
+    if op == "one_sample_depthwise":
+        with pytest.raises(RuntimeError, match="one sample.*\\[2, 6, 5, 5\\]"):
+            call(channels_innermost(torch.randn(2, 6, 5, 5)), w1, b1, w2, b2, 1.0, experts, None, *args)
+    else:
+        with pytest.raises(RuntimeError, match="bias must be \\(3, 6\\).*\\[3, 5\\]"):
+            call(x, w1, b1, w2, b2, 1.0, experts, torch.randn(3, 5), *args)
 
 
 @needs_kernel
@@ -349,24 +363,6 @@ def test_every_vector_block_of_the_depthwise_kernel(channels, dtype):
             assert calls == ["dyconv_cpu::one_sample_depthwise"]
             torch.testing.assert_close(out, expected, **TOL[dtype])
         layer = layer.double()
-
-
-@needs_kernel
-def test_one_sample_depthwise_checks_its_arguments():
-    x = channels_innermost(torch.randn(1, 6, 5, 5))
-    w1, b1, w2, b2 = torch.randn(4, 6), torch.randn(4), torch.randn(3, 4), torch.randn(3)
-    experts = torch.randn(3, 6, 1, 3, 3)
-    args = ([1, 1], [1, 1], [1, 1])
-    torch.ops.dyconv_cpu.one_sample_depthwise(x, w1, b1, w2, b2, 1.0, experts, None, *args)
-    with pytest.raises(RuntimeError, match="one sample.*\\[2, 6, 5, 5\\]"):
-        torch.ops.dyconv_cpu.one_sample_depthwise(channels_innermost(torch.randn(2, 6, 5, 5)), w1, b1, w2, b2, 1.0,
-                                                  experts, None, *args)
-    with pytest.raises(RuntimeError, match="channels innermost"):
-        torch.ops.dyconv_cpu.one_sample_depthwise(x.contiguous(), w1, b1, w2, b2, 1.0, experts, None, *args)
-    with pytest.raises(RuntimeError, match="shapes do not fit.*fc1 \\[4, 5\\]"):
-        torch.ops.dyconv_cpu.one_sample_depthwise(x, torch.randn(4, 5), b1, w2, b2, 1.0, experts, None, *args)
-    with pytest.raises(RuntimeError, match="experts must be \\(K, C, 1, \\*kernel\\) with C = 6"):
-        torch.ops.dyconv_cpu.one_sample_depthwise(x, w1, b1, w2, b2, 1.0, torch.randn(3, 5, 1, 3, 3), None, *args)
 
 
 @needs_kernel
