@@ -410,9 +410,9 @@ def chunk_mix(rounds: int) -> None:
                 _chunked.scaled_adds, _chunked._compiled_mix = adds, compiled_mix
             name = "training step" if train else "inference"
             cl = "CL" if fmt == torch.channels_last else "C"
-            # a layer whose chunks (or output-channel tiles) stay below the threshold runs the same code on both
-            # sides: its difference is this machine's noise
-            control = "" if calls else " (control: below the threshold, the same path on both sides)"
+            # a layer whose chunks (or output-channel tiles) stay below the threshold mixes by torch.mm on the
+            # "scaled adds" side too, and one that takes "dense_kernel" mixes inside that kernel on every side
+            control = "" if calls else " (no scaled adds: that side ran torch.mm or the dense kernel)"
             ratios = ", ".join(f"{side} {r[side] / r['static']:.2f}x" for side in sides if side != "static")
             print(f"  3x3 {channels} @{size} {name} {cl}: static {r['static']:.1f}; {ratios}{control}")
 

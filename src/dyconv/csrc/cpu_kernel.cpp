@@ -596,31 +596,29 @@ inline void add_column_sums(const T* data, int64_t C, int64_t c0, int64_t p0, in
 template <typename T>
 void channel_sums_rows(const T* data, int64_t positions, int64_t C, int64_t blocks, double* sums) {
   std::fill(sums, sums + C, 0.0);
-  {
-    constexpr int64_t kSumRun = 64;
-    const int64_t per_block = (positions + blocks - 1) / blocks;
-    std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        std::vector<double> acc(static_cast<size_t>(C), 0.0);  // the thread's own memory, copied out once
-        const int64_t p_end = std::min(positions, (blk + 1) * per_block);
-        for (int64_t p0 = blk * per_block; p0 < p_end; p0 += kSumRun) {
-          const int64_t p1 = std::min(p_end, p0 + kSumRun);
-          const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
-            add_column_sums<T, decltype(nv)::value>(data, C, c0, p0, p1, acc.data());
-          });
-          for (int64_t c = tail; c < C; ++c) {
-            double a = 0.0;
-            for (int64_t p = p0; p < p1; ++p) a += static_cast<double>(data[p * C + c]);
-            acc[c] += a;
-          }
+  constexpr int64_t kSumRun = 64;
+  const int64_t per_block = (positions + blocks - 1) / blocks;
+  std::vector<double> partial(static_cast<size_t>(blocks * C), 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      std::vector<double> acc(static_cast<size_t>(C), 0.0);  // the thread's own memory, copied out once
+      const int64_t p_end = std::min(positions, (blk + 1) * per_block);
+      for (int64_t p0 = blk * per_block; p0 < p_end; p0 += kSumRun) {
+        const int64_t p1 = std::min(p_end, p0 + kSumRun);
+        const int64_t tail = for_each_channel_block<T>(C, [&](auto nv, int64_t c0) {
+          add_column_sums<T, decltype(nv)::value>(data, C, c0, p0, p1, acc.data());
+        });
+        for (int64_t c = tail; c < C; ++c) {
+          double a = 0.0;
+          for (int64_t p = p0; p < p1; ++p) a += static_cast<double>(data[p * C + c]);
+          acc[c] += a;
         }
-        std::copy(acc.begin(), acc.end(), partial.begin() + blk * C);
       }
-    });
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t c = 0; c < C; ++c) sums[c] += partial[blk * C + c];
-  }
+      std::copy(acc.begin(), acc.end(), partial.begin() + blk * C);
+    }
+  });
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t c = 0; c < C; ++c) sums[c] += partial[blk * C + c];
 }
 
 template <typename T>
@@ -687,7 +685,6 @@ void linear(const T* w, const T* b, const double* in, double* out, int64_t rows,
   }
 }
 
-// The attention of one sample x (1, C, *spatial): softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)) into a (K).
 // The attention from a sample's channel sums over its positions (as sample_attention below)
 template <typename T>
 void attention_from_sums(const double* sums, double positions, const at::Tensor& w1, const at::Tensor& b1,
@@ -703,6 +700,7 @@ void attention_from_sums(const double* sums, double positions, const at::Tensor&
   for (int64_t k = 0; k < K; ++k) a[k] = static_cast<T>(logits[k] / total);
 }
 
+// The attention of one sample x (1, C, *spatial): softmax(scale * (W2 relu(W1 mean(x) + b1) + b2)) into a (K).
 template <typename T>
 void sample_attention(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                       const at::Tensor& b2, double scale, T* a) {
@@ -784,8 +782,9 @@ void one_sample_mix_impl(const at::Tensor& xc, const at::Tensor& w1, const at::T
 // out[b] = sum_k attention[b][k] * experts[k] for every row b: attention (B, K), experts (K, N) with contiguous rows,
 // out (B, N) contiguous, one dtype. The "chunked" strategy's mixing on the CPU (dyconv/_chunked.py: mix), where
 // torch.mm's (B x K) @ (K x N), a matrix product with an inner dimension of four, took 2-4 times as long on this
-// machine (benchmarks/mixing.py --part chunk-mix). In tiles of kMixTile elements: each thread takes a range of tiles and mixes every row's tile from the
-// experts' rows while they are in L1 (K = 4: one pass over the four rows at once, each element of out written once).
+// machine (benchmarks/mixing.py --part chunk-mix). In tiles of kMixTile elements: each thread takes a range of tiles
+// and mixes every row's tile from the experts' rows while they are in L1 (K = 4: one pass over the four rows at once,
+// each element of out written once).
 constexpr int64_t kMixTile = 1024;
 
 void mix_rows(const at::Tensor& attention, const at::Tensor& experts, at::Tensor& out) {

@@ -3,8 +3,9 @@
 // glibc's malloc maps every block above its mmap threshold (which it raises as blocks are freed, up to 32 MiB)
 // afresh from the kernel and unmaps it on free, and the kernel maps each 4 KiB page of it on the first write: a minor
 // page fault. The experts' gradient of a large layer is such a block, allocated by every training step's backward:
-// 37.7 MB for a 3x3 512->512 layer with four experts, 9.2 thousand page faults, about 11 ms on this machine to
-// allocate and write it against 2 ms to write the same bytes into memory already mapped. reused_empty takes blocks of
+// 37.7 MB for a 3x3 512->512 layer with four experts, 9.2 thousand page faults a step (dyconv bench's page-fault
+// table); with this pool that layer's training step took 8.0 ms less a paired round (benchmarks/ab.py --against
+// 82ec894 --layer "3x3 512" --figures train --format contiguous --rounds 9, README). reused_empty takes blocks of
 // at least kReusedMinBytes from a pool instead, which keeps the blocks given back (by size, at most kReusedMaxBytes
 // in all; past that they are freed) for the next request of the same size. Each block is reported to PyTorch's
 // profiler as its own CPU allocator reports its blocks (an allocation when handed out, a free when given back), so
